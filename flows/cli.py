@@ -1,0 +1,156 @@
+"""`fasttrack` command line: run the pipeline, list artifacts.
+
+    fasttrack run                                  # embedded default pipeline_configs/tiny-cpu.yaml
+    fasttrack run CONFIG --stages data,pretrain --force pretrain --set pretrain.max_steps=50
+    fasttrack ls [--store artifacts]
+
+Without PREFECT_API_URL the flow runs on Prefect's ephemeral local API; with a server set, the
+same command shows up in the Prefect UI.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Annotated
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here, no noise
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# The ephemeral API server can take >20 s to start on a busy 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from tasks.errors import FastTrackError  # noqa: E402
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+console = Console()
+err = Console(stderr=True)
+
+
+def _split(values: list[str] | None) -> list[str]:
+    return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
+
+
+class _HideUserErrorTracebacks(logging.Filter):
+    """Prefect logs task failures with tracebacks; for input errors the one line is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], FastTrackError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_prefect_tracebacks() -> None:
+    flt = _HideUserErrorTracebacks()
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("prefect"):
+            for handler in logging.getLogger(name).handlers:
+                handler.addFilter(flt)
+
+
+def _fail(exc: Exception) -> None:
+    """One `error:` line per problem (a config can have several), no traceback, exit 2."""
+    for line in str(exc).splitlines() or [type(exc).__name__]:
+        err.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def run(
+    config: Annotated[
+        str | None, typer.Argument(help="Run config YAML (default: tiny-cpu)")
+    ] = None,
+    stages: Annotated[list[str] | None, typer.Option(help="Stages, comma-separated")] = None,
+    force: Annotated[list[str] | None, typer.Option(help="Steps to recompute (or all)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override KEY=VALUE")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks")] = False,
+) -> None:
+    """Run the pipeline (cached stages are reused, not recomputed)."""
+    from tasks.config import load_config
+
+    try:
+        load_config(config, _split(set_))  # fail fast, before Prefect starts
+        from flows.pipeline import AVAILABLE, PipelineParams, check_params, pipeline
+
+        params = PipelineParams(
+            config=config,
+            stages=_split(stages) or list(AVAILABLE),
+            overrides=_split(set_),
+            force=_split(force),
+        )
+        check_params(params)
+    except FastTrackError as exc:
+        _fail(exc)
+    if not verbose:
+        _quiet_prefect_tracebacks()
+    from flows.progress_view import training_progress
+
+    try:
+        with training_progress(err):
+            summary = pipeline(params)
+    except FastTrackError as exc:
+        if verbose:
+            raise
+        _fail(exc)
+    steps = Table(title=f"run {summary.name}: {len(summary.executed)} step(s) executed")
+    for col in ("step", "key", "status", "seconds"):
+        steps.add_column(col)
+    for s in summary.steps:
+        colour = "green" if s.status == "cached" else "yellow"
+        steps.add_row(s.step, s.key[:12], f"[{colour}]{s.status}[/]", f"{s.seconds:.1f}")
+    console.print(steps)
+    if summary.table:
+        console.print(metrics_table(summary.table))
+
+
+def metrics_table(rows: list[dict]) -> Table:
+    table = Table(title="evaluation (held-out text)")
+    for col in rows[0]:
+        table.add_column(col, justify="left" if col in ("model", "eval_key") else "right")
+    for row in rows:
+        table.add_row(*(_fmt(v) for v in row.values()))
+    return table
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.1f}"
+    return "-" if value is None else str(value)
+
+
+@app.command("ls")
+def list_artifacts(
+    store: Annotated[str, typer.Option(help="Store path or fsspec URL")] = "artifacts",
+) -> None:
+    """List the artifacts in a store: stage, key, size, created, metrics."""
+    from tasks.store import ArtifactStore
+
+    table = Table(title=f"artifacts in {store}")
+    for col in ("stage", "key", "size", "created", "metrics"):
+        table.add_column(col)
+    for m in ArtifactStore(store).manifests():
+        size = sum(f["size"] for f in m["files"])
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(m.get("metrics", {}).items())[:4])
+        table.add_row(m["stage"], m["key"][:12], _human(size), m["created_at"], shown)
+    console.print(table)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    app()

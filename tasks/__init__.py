@@ -1,0 +1,8 @@
+"""LLM FastTrack stage logic. Progress is reported by our own callback and Prefect, so the
+libraries' tqdm bars (which garble logs and the Prefect UI) are off unless the user asks."""
+
+import os
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers + hub bars
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from datasets.map

@@ -1,0 +1,298 @@
+"""Run configuration: one pydantic section per stage, loaded from YAML with `--set` overrides.
+
+Why strict: a typo in a key silently falling back to a default wastes a GPU-day, so unknown keys
+are errors, and every error names the file, the line when known, and the field path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipeline_configs" / "tiny-cpu.yaml"
+STAGES = ("data", "pretrain", "sft", "dpo", "rag", "evaluate")
+Format = Literal["text", "alpaca", "sharegpt", "messages", "prompt_completion", "preference"]
+# Canonical fields of each format: name -> required. `columns` maps these to a source's columns.
+FORMAT_FIELDS: dict[str, dict[str, bool]] = {
+    "text": {"text": True, "title": False},
+    "alpaca": {"instruction": True, "input": False, "output": True, "system": False},
+    "sharegpt": {"conversations": True},
+    "messages": {"messages": True},
+    "prompt_completion": {"prompt": True, "completion": True},
+    "preference": {"prompt": True, "chosen": True, "rejected": True},
+}
+META_FIELDS = ("source", "id")  # optional pass-through columns of every format
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors; values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(Section):
+    path: str = Field(description="File, folder, `hf://owner/name[:split]` or `demo:<name>`.")
+    format: Format
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Canonical field -> column name in this source."
+    )
+    subset: str | None = Field(None, description="Dataset config name for hf:// sources.")
+    max_rows: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _known_columns(self) -> SourceConfig:
+        fields = [*FORMAT_FIELDS[self.format], *META_FIELDS]
+        for name in self.columns:
+            if name not in fields:
+                raise ValueError(
+                    f"columns.{name}: not a field of format {self.format} "
+                    f"(fields: {', '.join(fields)})"
+                )
+        return self
+
+
+class CleanConfig(Section):
+    unicode_form: Literal["NFC", "NFKC", "none"] = "NFKC"
+    collapse_whitespace: bool = True
+    min_chars: int = Field(1, ge=0)
+    max_chars: int | None = Field(None, gt=0)
+    exact_dedup: bool = True
+    near_dedup: bool = True
+    near_dedup_threshold: float = Field(0.85, gt=0, le=1)
+    num_perm: int = Field(128, ge=16, le=1024)
+    shingle_size: int = Field(5, ge=1)
+
+
+class SplitConfig(Section):
+    validation: float = Field(0.05, ge=0, lt=0.5)
+    test: float = Field(0.05, ge=0, lt=0.5)
+    seed: int = 42
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(min_length=1)
+    clean: CleanConfig = CleanConfig()
+    split: SplitConfig = SplitConfig()
+    encoding: str = "utf-8"
+
+
+class TokenizerConfig(Section):
+    """Byte-level BPE trained on the corpus when the base model is `scratch`."""
+
+    vocab_size: int = Field(4096, ge=300, le=262144)
+    min_frequency: int = Field(2, ge=1)
+
+
+class ArchitectureConfig(Section):
+    """A Llama-architecture model built from scratch (ignored for hub/local base models)."""
+
+    hidden_size: int = Field(128, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: int = Field(2, gt=0)
+    max_position_embeddings: int = Field(512, gt=1)
+    tie_word_embeddings: bool = True
+    rope_theta: float = Field(10000.0, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ArchitectureConfig:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        return self
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        "scratch", description="`scratch`, a hub id (`owner/name`) or a local model directory."
+    )
+    revision: str | None = None
+    trust_remote_code: bool = False
+    chat_template: str | None = Field(None, description="Jinja chat template override.")
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    architecture: ArchitectureConfig = ArchitectureConfig()
+
+
+class PretrainConfig(Section):
+    block_size: int = Field(256, ge=8)
+    max_steps: int = Field(300, gt=0)
+    per_device_batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    learning_rate: float = Field(3e-3, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: int = Field(50, gt=0)
+    save_steps: int = Field(50, gt=0)
+    save_total_limit: int = Field(2, gt=0)
+    eval_max_blocks: int | None = Field(64, gt=0, description="Cap on validation blocks.")
+
+
+class ReservedSection(Section):
+    """Stages whose issues have not landed yet: the section exists so configs validate."""
+
+    enabled: bool = False
+
+
+class PerplexityConfig(Section):
+    max_length: int = Field(256, ge=2)
+    stride: int = Field(128, ge=1)
+    batch_size: int = Field(8, gt=0)
+    split: Literal["validation", "test"] = "test"
+    max_tokens: int | None = Field(None, gt=1, description="Cap on scored tokens (speed).")
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> PerplexityConfig:
+        if self.stride > self.max_length:
+            raise ValueError(f"stride ({self.stride}) must be <= max_length ({self.max_length})")
+        return self
+
+
+class EvaluateConfig(Section):
+    perplexity: PerplexityConfig = PerplexityConfig()
+
+
+class RunConfig(Section):
+    name: str = "run"
+    seed: int = 42
+    store: str = Field("artifacts", description="Local path or fsspec URL of the artifact store.")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig
+    pretrain: PretrainConfig = PretrainConfig()
+    sft: ReservedSection = ReservedSection()
+    dpo: ReservedSection = ReservedSection()
+    rag: ReservedSection = ReservedSection()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _fits_scratch_model(self) -> RunConfig:
+        if self.model.name_or_path != "scratch":
+            return self  # checked against the real model's config when it is loaded
+        limit = self.model.architecture.max_position_embeddings
+        if self.pretrain.block_size > limit:
+            raise ValueError(
+                f"pretrain.block_size ({self.pretrain.block_size}) is larger than "
+                f"model.architecture.max_position_embeddings ({limit})"
+            )
+        if self.evaluate.perplexity.max_length > limit:
+            raise ValueError(
+                f"evaluate.perplexity.max_length ({self.evaluate.perplexity.max_length}) is "
+                f"larger than model.architecture.max_position_embeddings ({limit})"
+            )
+        return self
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load and validate a run config; raise ConfigError naming file, line and field."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+        lines = _line_index(yaml.compose(text))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {exc.problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: top level must be a mapping of sections, got {type(raw).__name__}"
+        )
+    origin = {loc: f"{path}:{line}" for loc, line in lines.items()}
+    for item in overrides or []:
+        loc = apply_override(raw, item)
+        origin[loc] = f"{path}: --set {item}"
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path, origin)) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> tuple[str, ...]:
+    """Apply one `section.field=value` override (value parsed as YAML) to the raw dict."""
+    dotted, sep, value_text = item.partition("=")
+    if not sep or not dotted.strip():
+        raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. pretrain.max_steps=50")
+    loc = tuple(dotted.strip().split("."))
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError:
+        value = value_text
+    node: Any = raw
+    for i, part in enumerate(loc[:-1]):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item}: {'.'.join(loc[: i + 1])} is not a section")
+        node = node.setdefault(part, {})
+    if isinstance(node, list) and loc[-1].isdigit() and int(loc[-1]) < len(node):
+        node[int(loc[-1])] = value
+    elif isinstance(node, dict):
+        node[loc[-1]] = value
+    else:
+        raise ConfigError(f"--set {item}: {'.'.join(loc[:-1])} is not a section")
+    return loc
+
+
+def _describe(exc: ValidationError, path: Path, origin: dict[tuple[str, ...], str]) -> str:
+    """One line per pydantic error: `<file>[:line]: <field.path>: <message>`."""
+    out = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        where = next((origin[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in origin), None)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1])
+            msg = f"unknown key (allowed: {', '.join(allowed)})" if allowed else "unknown key"
+        field = ".".join(loc) or "(top level)"
+        out.append(f"{where or path}: {field}: {msg}")
+    return "\n".join(out)
+
+
+def _allowed_keys(loc: tuple[str, ...]) -> list[str]:
+    model: Any = RunConfig
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        model = next(
+            (a for a in (ann, *args) if isinstance(a, type) and issubclass(a, Section)), None
+        )
+        if model is None:
+            return []
+    return sorted(model.model_fields)
+
+
+def _line_index(node: yaml.Node | None, loc: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    """Map each key path of a YAML document to its 1-based line number."""
+    lines: dict[tuple[str, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            sub = (*loc, str(key.value))
+            lines[sub] = key.start_mark.line + 1
+            lines.update(_line_index(value, sub))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            sub = (*loc, str(i))
+            lines[sub] = item.start_mark.line + 1
+            lines.update(_line_index(item, sub))
+    return lines

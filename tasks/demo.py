@@ -1,0 +1,151 @@
+"""Offline demo data, derived from what every CPython ships: no network, identical bytes everywhere.
+
+- `pydoc_topics.jsonl`: the language-reference topics of `pydoc_data.topics` (pretraining/RAG
+  corpus; format `text`, with a `title`).
+- `stdlib_qa.jsonl`: "What does `json.dumps` do?" -> the docstring's first paragraph (format
+  `alpaca`; `source` names the function so retrieval can be scored later).
+- `stdlib_preference.jsonl`: chosen = that answer, rejected = the first paragraph of another
+  function of the same module, a plausible but wrong answer (format `preference`).
+
+The generated files are committed (docstrings differ between Python versions). Regenerate with:
+    python -m tasks.demo
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+from pathlib import Path
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
+MODULES = [
+    "abc",
+    "argparse",
+    "base64",
+    "bisect",
+    "calendar",
+    "collections",
+    "colorsys",
+    "configparser",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "difflib",
+    "enum",
+    "filecmp",
+    "fnmatch",
+    "fractions",
+    "functools",
+    "glob",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "html",
+    "http.client",
+    "inspect",
+    "ipaddress",
+    "itertools",
+    "json",
+    "logging",
+    "operator",
+    "os",
+    "os.path",
+    "pathlib",
+    "pickle",
+    "pprint",
+    "queue",
+    "random",
+    "re",
+    "shlex",
+    "shutil",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "typing",
+    "urllib.parse",
+    "uuid",
+    "warnings",
+    "zipfile",
+]
+QUESTIONS = ("What does `{}` do?", "Explain what `{}` is for.", "Describe the purpose of `{}`.")
+
+
+def first_paragraph(doc: str) -> str:
+    """The docstring's first paragraph, joined into one line."""
+    para = inspect.cleandoc(doc).split("\n\n")[0]
+    return " ".join(line.strip() for line in para.splitlines()).strip()
+
+
+def _stable_index(text: str, n: int) -> int:
+    return int(hashlib.sha256(text.encode()).hexdigest(), 16) % n
+
+
+def documented_functions(module_name: str) -> list[tuple[str, str]]:
+    """(qualified name, first paragraph) of the module's public, documented callables."""
+    module = importlib.import_module(module_name)
+    out = []
+    for name in sorted(getattr(module, "__all__", None) or dir(module)):
+        obj = getattr(module, name, None)
+        if name.startswith("_") or not callable(obj) or inspect.isclass(obj):
+            continue
+        owner = getattr(obj, "__module__", None) or ""
+        if (
+            owner.split(".")[0].lstrip("_") != module_name.split(".")[0]
+            and module_name != "os.path"
+        ):
+            continue  # re-exported from elsewhere
+        doc = inspect.getdoc(obj)
+        if not doc:
+            continue
+        answer = first_paragraph(doc)
+        if 40 <= len(answer) <= 600 and not answer.startswith(name + "("):
+            out.append((f"{module_name}.{name}", answer))
+    return out
+
+
+def build() -> dict[str, list[dict]]:
+    """All three demo datasets as lists of JSON-able rows."""
+    import pydoc_data.topics
+
+    topics = [
+        {"title": title, "text": text}
+        for title, text in sorted(pydoc_data.topics.topics.items())
+        if len(text.strip()) > 200
+    ]
+    qa, pref = [], []
+    for module_name in MODULES:
+        funcs = documented_functions(module_name)
+        for i, (qualname, answer) in enumerate(funcs):
+            question = QUESTIONS[_stable_index(qualname, len(QUESTIONS))].format(qualname)
+            qa.append({"instruction": question, "input": "", "output": answer, "source": qualname})
+            others = [a for _, a in funcs[i + 1 :] + funcs[:i] if a != answer]
+            if others:
+                rejected = others[_stable_index(qualname + "/r", len(others))]
+                pref.append(
+                    {"prompt": question, "chosen": answer, "rejected": rejected, "source": qualname}
+                )
+    return {"pydoc_topics": topics, "stdlib_qa": qa, "stdlib_preference": pref}
+
+
+def write(out_dir: Path = DEMO_DIR) -> dict[str, int]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for name, rows in build().items():
+        with open(out_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+        counts[name] = len(rows)
+    return counts
+
+
+if __name__ == "__main__":
+    for name, n in write().items():
+        print(f"{name}: {n} rows -> {DEMO_DIR / name}.jsonl")

@@ -1,0 +1,98 @@
+"""Evaluation stage: metrics of one model on held-out data, cached per (model, data, eval config).
+
+One artifact per model, so adding a stage to a run evaluates only the new model. Perplexity uses
+the token-weighted strided protocol of tasks/perplexity.py over the held-out corpus documents,
+each followed by EOS (as in training); the manifest records the exact protocol, and bits per
+byte makes models with different tokenizers comparable.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tasks.config import RunConfig
+from tasks.data import read_split
+from tasks.errors import ModelError
+from tasks.models import load_model, max_positions, pick_device
+from tasks.perplexity import strided_perplexity
+from tasks.stage import BuildResult, StageSpec, run_stage, stage_task
+from tasks.store import ArtifactRef, ArtifactStore
+
+VERSION = "1"
+
+
+def eval_spec(cfg: RunConfig, model: ArtifactRef, data: ArtifactRef) -> StageSpec:
+    config = {"perplexity": cfg.evaluate.perplexity.model_dump(mode="json")}
+    return StageSpec("evaluate", VERSION, config, upstream={"model": model, "data": data})
+
+
+def token_stream(texts: list[str], tokenizer, max_tokens: int | None) -> tuple[torch.Tensor, int]:
+    """(ids of whole documents, each + EOS, up to max_tokens; UTF-8 bytes of those documents)."""
+    ids: list[int] = []
+    n_bytes = 0
+    for text in texts:
+        doc = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if max_tokens and ids and len(ids) + len(doc) > max_tokens:
+            break
+        ids.extend(doc[:max_tokens] if max_tokens else doc)
+        n_bytes += len(text.encode("utf-8"))
+    return torch.tensor(ids, dtype=torch.long), n_bytes
+
+
+def build_eval(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
+    pcfg = cfg.evaluate.perplexity
+    store = ArtifactStore(cfg.store)
+    model, tok = load_model(cfg, spec.upstream["model"])
+    limit = max_positions(model)
+    if limit is not None and pcfg.max_length > limit:
+        raise ModelError(
+            f"evaluate.perplexity.max_length ({pcfg.max_length}) is larger than the model's "
+            f"max_position_embeddings ({limit})"
+        )
+    texts = [r["text"] for r in read_split(store, spec.upstream["data"], "corpus", pcfg.split)]
+    ids, n_bytes = token_stream(texts, tok, pcfg.max_tokens)
+    device = pick_device()
+    res = strided_perplexity(
+        model.to(device),
+        ids,
+        max_length=pcfg.max_length,
+        stride=pcfg.stride,
+        batch_size=pcfg.batch_size,
+        text_bytes=n_bytes,
+        device=device,
+    )
+    metrics = {
+        "perplexity": round(res.perplexity, 4),
+        "bits_per_byte": round(res.bits_per_byte or 0.0, 5),
+        "eval_tokens": res.tokens,
+    }
+    protocol = {
+        "split": pcfg.split,
+        "documents": len(texts),
+        "max_length": res.max_length,
+        "stride": res.stride,
+        "windows": res.windows,
+        "tokens_scored": res.tokens,
+        "nll_sum": res.nll_sum,
+        "bytes": res.bytes,
+        "weighting": "token-weighted sum of NLL over scored tokens; context tokens masked",
+    }
+    (out / "metrics.json").write_text(json.dumps({**metrics, "protocol": protocol}, indent=2))
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return BuildResult(
+        metrics=metrics, device={"device": device, "dtype": dtype}, extra={"protocol": protocol}
+    )
+
+
+def evaluate_model(
+    cfg: RunConfig, model: ArtifactRef, data: ArtifactRef, force: bool = False
+) -> ArtifactRef:
+    """Evaluation of one model: `fasttrack run --stages evaluate`."""
+    spec = eval_spec(cfg, model, data)
+    return run_stage(ArtifactStore(cfg.store), spec, lambda out: build_eval(cfg, spec, out), force)
+
+
+evaluate_task = stage_task(eval_spec, name="evaluate")(evaluate_model)

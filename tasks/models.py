@@ -1,0 +1,249 @@
+"""Base models and tokenizers: build from scratch, point at a local dir or a hub id, load safely.
+
+The `base` artifact is what every model stage starts from. For `scratch` it holds a byte-level
+BPE tokenizer trained on the corpus (with pad/bos/eos and a chat template) and a freshly
+initialised tiny Llama; for a local dir or hub id it holds only a pointer + fingerprint, so a
+multi-GB model is never copied, yet a changed tokenizer or template still changes every key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.config import RunConfig
+from tasks.errors import ModelError
+from tasks.stage import BuildResult, StageSpec, run_stage, stage_task
+from tasks.store import ArtifactRef, ArtifactStore, sha256_file
+
+VERSION = "1"
+BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+# One EOS ends documents and turns alike, so generation stops where training put EOS. Assistant
+# turns carry {% generation %} markers for assistant-only loss in SFT. (Jinja runs with
+# trim_blocks: newlines are emitted explicitly.)
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|' + message['role'] + '|>' + '\n' }}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{{ message['content'] + '<|endoftext|>' }}{% endgeneration %}"
+    "{%- else -%}{{ message['content'] + '<|endoftext|>' }}{%- endif -%}"
+    "{{ '\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>' + '\n' }}{%- endif -%}"
+)
+POINTER = "source.json"
+_FULL_HASH_LIMIT = 64 << 20
+
+
+def is_local_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
+
+
+def fingerprint_dir(path: Path) -> str:
+    """Content fingerprint of a model dir: full sha256 of small files (config, tokenizer,
+    template), size + head/tail hash of large weight files (hashing 14 GB on every run is not
+    an option; a changed weight file changes its size or its first/last MiB in practice)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        size = f.stat().st_size
+        if size <= _FULL_HASH_LIMIT:
+            digest = sha256_file(f)
+        else:
+            with open(f, "rb") as fh:
+                head = fh.read(1 << 20)
+                fh.seek(-(1 << 20), 2)
+                digest = hashlib.sha256(head + fh.read()).hexdigest()
+        h.update(f"{f.relative_to(path).as_posix()}\0{size}\0{digest}\n".encode())
+    return h.hexdigest()
+
+
+def base_spec(cfg: RunConfig, data: ArtifactRef | None = None) -> StageSpec:
+    m = cfg.model
+    name = m.name_or_path
+    config: dict[str, Any] = {
+        "name_or_path": name,
+        "revision": m.revision,
+        "chat_template": m.chat_template,
+        "trust_remote_code": m.trust_remote_code,
+    }
+    if name == "scratch":
+        if data is None:
+            raise ModelError("model.name_or_path: scratch needs the data stage (a corpus)")
+        config |= {
+            "tokenizer": m.tokenizer.model_dump(),
+            "architecture": m.architecture.model_dump(),
+        }
+        return StageSpec("base", VERSION, config | {"seed": cfg.seed}, upstream={"data": data})
+    if is_local_path(name):
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.name_or_path: {name}: not a model directory (no config.json)")
+        return StageSpec("base", VERSION, config, inputs={"model_dir": fingerprint_dir(path)})
+    return StageSpec("base", VERSION, config, inputs={"hub": f"{name}@{m.revision or 'main'}"})
+
+
+def build_tokenizer(texts: list[str], vocab_size: int, min_frequency: int, template: str):
+    """Byte-level BPE (no unknown tokens, any UTF-8 input) with our special tokens + template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        additional_special_tokens=list(ROLE_TOKENS),
+    )  # fmt: skip
+    fast.chat_template = template
+    return fast
+
+
+def build_base(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
+    m = cfg.model
+    if m.name_or_path != "scratch":
+        (out / POINTER).write_text(json.dumps({**spec.config, **spec.inputs}, indent=2))
+        model, tok = load_pretrained(cfg, m.name_or_path, m.revision, m.chat_template)
+        n_params = sum(p.numel() for p in model.parameters())
+        return BuildResult(metrics={"parameters": n_params, "vocab_size": len(tok)})
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tasks.data import read_split
+
+    store = ArtifactStore(cfg.store)
+    texts = [r["text"] for r in read_split(store, spec.upstream["data"], "corpus", "train")]
+    tok = build_tokenizer(
+        texts, m.tokenizer.vocab_size, m.tokenizer.min_frequency, m.chat_template or CHAT_TEMPLATE
+    )
+    a = m.architecture
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=a.hidden_size,
+        intermediate_size=a.intermediate_size,
+        num_hidden_layers=a.num_hidden_layers,
+        num_attention_heads=a.num_attention_heads,
+        num_key_value_heads=a.num_key_value_heads,
+        max_position_embeddings=a.max_position_embeddings,
+        tie_word_embeddings=a.tie_word_embeddings,
+        rope_theta=a.rope_theta,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    n_params = sum(p.numel() for p in model.parameters())
+    return BuildResult(metrics={"parameters": n_params, "vocab_size": len(tok)})
+
+
+def resolve_base(
+    cfg: RunConfig, data: ArtifactRef | None = None, force: bool = False
+) -> ArtifactRef:
+    """Base-model step of the pretrain stage (also the `base` row of the evaluation table)."""
+    spec = base_spec(cfg, data)
+    return run_stage(ArtifactStore(cfg.store), spec, lambda out: build_base(cfg, spec, out), force)
+
+
+base_task = stage_task(base_spec, name="base")(resolve_base)
+
+
+def load_pretrained(
+    cfg: RunConfig,
+    name: str,
+    revision: str | None,
+    template: str | None = None,
+    dtype: torch.dtype | None = None,
+):
+    """(model, tokenizer) from a local dir or hub id: safetensors only, remote code off by default.
+
+    `dtype` defaults to the inference dtype (bf16 on capable CUDA); training passes float32 and
+    lets the Trainer's autocast do mixed precision."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"revision": revision, "trust_remote_code": cfg.model.trust_remote_code}
+    try:
+        tok = AutoTokenizer.from_pretrained(name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, use_safetensors=True, dtype=dtype or pick_dtype(), **kwargs
+        )
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model.name_or_path: cannot load {name!r}: {first}") from None
+    fix_tokenizer(tok, model.config, template)
+    return model, tok
+
+
+def fix_tokenizer(tok: Any, config: Any, template: str | None = None) -> None:
+    """Pad token (falls back to EOS), template override, pad id in the model config."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if template:
+        tok.chat_template = template
+    if getattr(config, "pad_token_id", None) is None:
+        config.pad_token_id = tok.pad_token_id
+
+
+def model_source(cfg: RunConfig, ref: ArtifactRef) -> tuple[str, str | None, str | None]:
+    """(name_or_path, revision, template override) behind any model artifact."""
+    path = ArtifactStore(cfg.store).local_path(ref)
+    pointer = path / POINTER
+    if not pointer.exists():
+        return str(path), None, None
+    src = json.loads(pointer.read_text())
+    name = src["name_or_path"]
+    if "model_dir" in src and fingerprint_dir(Path(name).expanduser()) != src["model_dir"]:
+        raise ModelError(f"{name}: model directory changed since base artifact {ref.short}")
+    return name, src.get("revision"), src.get("chat_template")
+
+
+def load_model(cfg: RunConfig, ref: ArtifactRef, dtype: torch.dtype | None = None):
+    """(model, tokenizer) of any model artifact: a base pointer, a base or a trained model dir."""
+    return load_pretrained(cfg, *model_source(cfg, ref), dtype=dtype)
+
+
+def load_tokenizer(cfg: RunConfig, ref: ArtifactRef):
+    """(tokenizer, model config) without loading weights (cheap even for a 70B base)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    name, revision, template = model_source(cfg, ref)
+    kwargs = {"revision": revision, "trust_remote_code": cfg.model.trust_remote_code}
+    try:
+        tok = AutoTokenizer.from_pretrained(name, **kwargs)
+        config = AutoConfig.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model.name_or_path: cannot load {name!r}: {first}") from None
+    fix_tokenizer(tok, config, template)
+    return tok, config
+
+
+def max_positions(model_or_config: Any) -> int | None:
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(precision: str = "auto") -> torch.dtype:
+    """bf16 where CUDA supports it, fp16 on older CUDA, fp32 on CPU (or as configured)."""
+    if precision == "auto":
+        if not torch.cuda.is_available():
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

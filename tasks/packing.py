@@ -1,0 +1,137 @@
+"""Pack step of pretraining: tokenize the corpus with the base tokenizer and pack fixed blocks.
+
+Documents are tokenized with `datasets.map(batched=True)`, each followed by EOS, concatenated and
+cut into `block_size` blocks. Nothing is dropped: the final partial block is padded and its
+padding masked (attention_mask 0, label -100), so every document token is trained on. The key
+includes the base artifact (tokenizer, template, pad/EOS) so a changed tokenizer can never reuse
+stale blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.config import RunConfig
+from tasks.errors import ModelError
+from tasks.stage import BuildResult, StageSpec, run_stage, stage_task
+from tasks.store import ArtifactRef, ArtifactStore
+
+VERSION = "1"
+SPLITS = ("train", "validation")
+
+
+def pack_spec(cfg: RunConfig, data: ArtifactRef, base: ArtifactRef) -> StageSpec:
+    config = {"block_size": cfg.pretrain.block_size, "splits": list(SPLITS)}
+    return StageSpec("pack", VERSION, config, upstream={"data": data, "base": base})
+
+
+def pack_blocks(
+    docs: Iterable[list[int]], block_size: int, eos_id: int, pad_id: int
+) -> Iterator[tuple[list[int], list[int]]]:
+    """(input_ids, attention_mask) blocks of EOS-separated documents; the tail block is padded."""
+    buf: list[int] = []
+    for ids in docs:
+        buf.extend(ids)
+        buf.append(eos_id)
+        while len(buf) >= block_size:
+            yield buf[:block_size], [1] * block_size
+            del buf[:block_size]
+    if buf:
+        n = len(buf)
+        yield buf + [pad_id] * (block_size - n), [1] * n + [0] * (block_size - n)
+
+
+def tokenize_texts(texts: list[str], tokenizer, cache_dir: Path) -> Iterator[list[int]]:
+    """Token ids per document, via datasets.map(batched=True) (multi-process capable)."""
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"text": texts})
+    tokenized = ds.map(
+        lambda batch: {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
+        batched=True,
+        remove_columns=["text"],
+        cache_file_name=str(cache_dir / "tokenized.arrow"),
+        desc="tokenize",
+    )
+    for batch in tokenized.iter(batch_size=1000):
+        yield from batch["ids"]
+
+
+def write_blocks(blocks: Iterator[tuple[list[int], list[int]]], path: Path) -> int:
+    schema = pa.schema(
+        [("input_ids", pa.list_(pa.int32())), ("attention_mask", pa.list_(pa.int8()))]
+    )
+    n = 0
+    with pq.ParquetWriter(path, schema) as writer:
+        chunk: list[tuple[list[int], list[int]]] = []
+        for block in blocks:
+            chunk.append(block)
+            if len(chunk) == 1024:
+                n += _flush(writer, schema, chunk)
+        n += _flush(writer, schema, chunk)
+    return n
+
+
+def _flush(writer: pq.ParquetWriter, schema: pa.Schema, chunk: list) -> int:
+    if not chunk:
+        return 0
+    ids, mask = zip(*chunk, strict=True)
+    writer.write_table(
+        pa.table({"input_ids": list(ids), "attention_mask": list(mask)}, schema=schema)
+    )
+    n = len(chunk)
+    chunk.clear()
+    return n
+
+
+def build_pack(cfg: RunConfig, data: ArtifactRef, base: ArtifactRef, out: Path) -> BuildResult:
+    from tasks.data import read_split
+    from tasks.models import load_tokenizer, max_positions
+
+    store = ArtifactStore(cfg.store)
+    tok, model_config = load_tokenizer(cfg, base)
+    limit, block = max_positions(model_config), cfg.pretrain.block_size
+    if limit is not None and block > limit:
+        raise ModelError(
+            f"pretrain.block_size ({block}) is larger than the model's max_position_embeddings "
+            f"({limit})"
+        )
+    if tok.eos_token_id is None:
+        raise ModelError("the base tokenizer has no EOS token; set one to separate documents")
+    metrics = {}
+    for split in SPLITS:
+        texts = [r["text"] for r in read_split(store, data, "corpus", split)]
+        docs = tokenize_texts(texts, tok, out)
+        tokens = 0
+
+        def counted(docs=docs) -> Iterator[list[int]]:
+            nonlocal tokens
+            for ids in docs:
+                tokens += len(ids) + 1
+                yield ids
+
+        n = write_blocks(
+            pack_blocks(counted(), block, tok.eos_token_id, tok.pad_token_id),
+            out / f"{split}.parquet",
+        )
+        metrics[f"{split}_blocks"], metrics[f"{split}_tokens"] = n, tokens
+        metrics[f"{split}_docs"] = len(texts)
+        (out / "tokenized.arrow").unlink(missing_ok=True)
+    for f in out.glob("cache-*.arrow"):
+        f.unlink()
+    return BuildResult(metrics=metrics)
+
+
+def pack(cfg: RunConfig, data: ArtifactRef, base: ArtifactRef, force: bool = False) -> ArtifactRef:
+    """Tokenize + pack step of the pretrain stage."""
+    spec = pack_spec(cfg, data, base)
+    return run_stage(
+        ArtifactStore(cfg.store), spec, lambda out: build_pack(cfg, data, base, out), force
+    )
+
+
+pack_task = stage_task(pack_spec, name="pack")(pack)

@@ -1,0 +1,263 @@
+"""Read data sources and map their formats onto three canonical kinds of rows.
+
+- `corpus`:     {"text", "title", "source"?}                       (format text)
+- `sft`:        {"messages": [{"role", "content"}...], "source"?}  (alpaca, sharegpt, messages,
+                                                                     prompt_completion)
+- `preference`: {"prompt", "chosen", "rejected", "source"?}        (preference)
+
+Why hand-written readers for JSONL: a malformed line must be reported as `file:line`, which the
+generic loaders do not do; CSV/parquet/hub datasets go through pandas/pyarrow/`datasets`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tasks.config import FORMAT_FIELDS, META_FIELDS, SourceConfig
+from tasks.demo import DEMO_DIR
+from tasks.errors import DataError
+from tasks.store import sha256_file
+
+KIND_OF_FORMAT = {
+    "text": "corpus",
+    "alpaca": "sft",
+    "sharegpt": "sft",
+    "messages": "sft",
+    "prompt_completion": "sft",
+    "preference": "preference",
+}
+FILE_SUFFIXES = {".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".txt", ".md"}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bot": "assistant", "system": "system"}  # fmt: skip
+ROLES = {"system", "user", "assistant", "tool"}
+Row = dict[str, Any]
+
+
+def resolve(src: SourceConfig) -> tuple[str, Path | str]:
+    """(scheme, location): ("file", Path) | ("hf", name) | ("hf-local", Path)."""
+    if src.path.startswith("demo:"):
+        path = DEMO_DIR / f"{src.path.removeprefix('demo:')}.jsonl"
+        if not path.is_file():
+            names = sorted(p.stem for p in DEMO_DIR.glob("*.jsonl"))
+            raise DataError(f"{src.path}: no such demo source (available: {', '.join(names)})")
+        return "file", path
+    if src.path.startswith("hf://"):
+        name = src.path.removeprefix("hf://").rsplit(":", 1)[0]
+        local = Path(name).expanduser()
+        return ("hf-local", local) if local.exists() else ("hf", name)
+    path = Path(src.path).expanduser()
+    if not path.exists():
+        raise DataError(f"{src.path}: source file not found (resolved to {path.resolve()})")
+    return "file", path
+
+
+def hf_split(src: SourceConfig) -> str:
+    rest = src.path.removeprefix("hf://")
+    name, sep, split = rest.rpartition(":")
+    return split if sep and name and "/" not in split else "train"
+
+
+def source_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
+    if not files:
+        raise DataError(f"{path}: folder has no data files ({', '.join(sorted(FILE_SUFFIXES))})")
+    return files
+
+
+def content_hash(src: SourceConfig) -> str:
+    """Hash of a source's bytes (files/folders) or its identity (hub datasets)."""
+    scheme, loc = resolve(src)
+    if scheme == "hf":
+        return f"hf:{loc}:{src.subset}:{hf_split(src)}"
+    h = hashlib.sha256()
+    for f in source_files(Path(loc)):
+        h.update(f"{f.relative_to(loc) if f != loc else f.name}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def read_rows(src: SourceConfig, encoding: str = "utf-8") -> Iterator[tuple[str, Row]]:
+    """Yield (location, raw row) for every row of a source; location names file and line."""
+    scheme, loc = resolve(src)
+    if scheme != "file":
+        yield from _read_hf(src, scheme, loc)
+        return
+    for path in source_files(Path(loc)):
+        suffix = path.suffix.lower()
+        try:
+            if path.stat().st_size == 0:
+                raise DataError(f"{path}: file is empty")
+            if suffix in (".jsonl", ".ndjson"):
+                yield from _read_jsonl(path, encoding)
+            elif suffix == ".json":
+                yield from _read_json(path, encoding)
+            elif suffix in (".csv", ".tsv"):
+                yield from _read_csv(path, encoding, "\t" if suffix == ".tsv" else ",")
+            elif suffix == ".parquet":
+                yield from _read_parquet(path)
+            else:
+                yield str(path), {"text": path.read_text(encoding=encoding), "title": path.stem}
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{path}: not valid {encoding} (byte {exc.start}: {exc.reason}); "
+                "set data.encoding or re-encode the file"
+            ) from None
+
+
+def _read_jsonl(path: Path, encoding: str) -> Iterator[tuple[str, Row]]:
+    with open(path, encoding=encoding) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{where}: invalid JSON ({exc.msg} at column {exc.colno})"
+                ) from None
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row
+
+
+def _read_json(path: Path, encoding: str) -> Iterator[tuple[str, Row]]:
+    try:
+        data = json.loads(path.read_text(encoding=encoding))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: item {i}: expected a JSON object, got {type(row).__name__}")
+        yield f"{path}: item {i}", row
+
+
+def _read_csv(path: Path, encoding: str, sep: str) -> Iterator[tuple[str, Row]]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding=encoding)
+    except pd.errors.ParserError as exc:
+        raise DataError(f"{path}: malformed CSV: {str(exc).strip()}") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: file is empty") from None
+    for i, row in enumerate(frame.to_dict(orient="records")):
+        yield f"{path}:{i + 2}", row  # line numbers: 1 is the header
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, Row]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for truncated files
+        raise DataError(f"{path}: unreadable parquet ({exc})") from None
+    for i, row in enumerate(table.to_pylist()):
+        yield f"{path}: row {i}", row
+
+
+def _read_hf(src: SourceConfig, scheme: str, loc: Path | str) -> Iterator[tuple[str, Row]]:
+    import datasets
+
+    split = hf_split(src)
+    try:
+        if scheme == "hf-local" and (Path(loc) / "dataset_info.json").exists():
+            ds = datasets.load_from_disk(str(loc))
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            ds = datasets.load_dataset(str(loc), src.subset, split=split)
+    except Exception as exc:
+        raise DataError(f"{src.path}: cannot load dataset ({type(exc).__name__}: {exc})") from None
+    for i, row in enumerate(ds):
+        yield f"{src.path}: row {i}", row
+
+
+def load_source(src: SourceConfig, encoding: str = "utf-8") -> tuple[str, list[Row]]:
+    """(kind, canonical rows) of one source; raises DataError naming the culprit."""
+    fields = FORMAT_FIELDS[src.format]
+    column = {name: src.columns.get(name, name) for name in (*fields, *META_FIELDS)}
+    convert = _CONVERTERS[src.format]
+    rows = []
+    for where, raw in read_rows(src, encoding):
+        for name, required in fields.items():
+            if required and column[name] not in raw:
+                mapped = f" (mapped from field {name})" if column[name] != name else ""
+                have = ", ".join(map(str, raw)) or "none"
+                raise DataError(
+                    f"{where}: missing column {column[name]!r}{mapped} for format "
+                    f"{src.format}; columns are: {have}"
+                )
+        get = {name: raw.get(column[name]) for name in (*fields, *META_FIELDS)}
+        row = convert(get, where)
+        for meta in META_FIELDS:
+            if get[meta] not in (None, ""):
+                row[meta] = str(get[meta])
+        rows.append(row)
+        if src.max_rows and len(rows) >= src.max_rows:
+            break
+    if not rows:
+        raise DataError(f"{src.path}: no rows")
+    return KIND_OF_FORMAT[src.format], rows
+
+
+def _text(value: Any, where: str, name: str, optional: bool = False) -> str:
+    if value is None and optional:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _turns(value: Any, where: str, name: str, role_key: str, text_key: str, roles: dict) -> list:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field {name!r} must be a non-empty list of turns")
+    out = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
+            raise DataError(
+                f"{where}: {name}[{i}] must be an object with {role_key!r}/{text_key!r}"
+            )
+        role = roles.get(str(turn[role_key]).lower())
+        if role is None:
+            raise DataError(f"{where}: {name}[{i}]: unknown role {turn[role_key]!r}")
+        out.append({"role": role, "content": _text(turn[text_key], where, f"{name}[{i}]")})
+    return out
+
+
+def _alpaca(get: dict, where: str) -> Row:
+    prompt = _text(get["instruction"], where, "instruction")
+    extra = _text(get["input"], where, "input", optional=True)
+    messages = [{"role": "user", "content": f"{prompt}\n\n{extra}" if extra.strip() else prompt}]
+    if system := _text(get["system"], where, "system", optional=True):
+        messages.insert(0, {"role": "system", "content": system})
+    messages.append({"role": "assistant", "content": _text(get["output"], where, "output")})
+    return {"messages": messages}
+
+
+_CONVERTERS = {
+    "text": lambda g, w: {
+        "text": _text(g["text"], w, "text"),
+        "title": _text(g["title"], w, "title", optional=True),
+    },
+    "alpaca": _alpaca,
+    "sharegpt": lambda g, w: {
+        "messages": _turns(g["conversations"], w, "conversations", "from", "value", SHAREGPT_ROLES)
+    },
+    "messages": lambda g, w: {
+        "messages": _turns(g["messages"], w, "messages", "role", "content", {r: r for r in ROLES})
+    },
+    "prompt_completion": lambda g, w: {
+        "messages": [
+            {"role": "user", "content": _text(g["prompt"], w, "prompt")},
+            {"role": "assistant", "content": _text(g["completion"], w, "completion")},
+        ]
+    },
+    "preference": lambda g, w: {k: _text(g[k], w, k) for k in ("prompt", "chosen", "rejected")},
+}

@@ -1,0 +1,168 @@
+"""The one way a stage runs: key -> lookup -> lock -> build in staging -> publish (manifest last).
+
+Every stage module describes itself with a `StageSpec` (what determines its output) and a build
+function (how to produce the files); `run_stage` does the rest, so caching, locking, timings and
+manifests behave identically in every stage. `stage_task` wraps a stage for Prefect with a cache
+policy that consults the store, so Prefect shows reuse as `Cached` and never hands out a ref to an
+artifact the store no longer holds.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import CachePolicy
+from prefect.states import Completed
+
+from tasks.errors import FastTrackError
+from tasks.store import ArtifactRef, ArtifactStore, compute_key
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything that determines a stage's output; its key is a hash of all of it."""
+
+    stage: str
+    version: str  # bump when the stage's behaviour changes
+    config: dict[str, Any]
+    upstream: dict[str, ArtifactRef] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)  # content hashes of external inputs
+
+    @functools.cached_property
+    def key(self) -> str:
+        ups = {name: ref.key for name, ref in self.upstream.items()}
+        return compute_key(self.stage, self.version, self.config, ups, self.inputs)
+
+
+@dataclass
+class BuildResult:
+    """What a build function reports besides the files it wrote."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    device: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # more manifest fields (e.g. protocol)
+
+
+Build = Callable[[Path], BuildResult]
+
+
+def get_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a run (shows in the UI), a plain logger outside."""
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # MissingContextError outside a flow/task run
+        return logging.getLogger("fasttrack")
+
+
+def run_stage(
+    store: ArtifactStore, spec: StageSpec, build: Build, force: bool = False
+) -> ArtifactRef:
+    """Return the artifact for `spec`, building and publishing it only when the store lacks it."""
+    log = get_logger()
+    if not force and (ref := store.lookup(spec.stage, spec.key)) is not None:
+        log.info("%s: reusing %s", spec.stage, ref.short)
+        return ref
+    with store.lock(spec.stage, spec.key):
+        if not force and (ref := store.lookup(spec.stage, spec.key)) is not None:
+            log.info("%s: %s was published meanwhile; reusing it", spec.stage, ref.short)
+            return ref
+        store.clean_tmp()
+        started = time.time()
+        log.info("%s: building %s", spec.stage, spec.key[:12])
+        with store.staging(spec.stage, spec.key) as out:
+            result = build(out)
+            finished = time.time()
+            ref = store.publish(
+                spec.stage,
+                spec.key,
+                out,
+                replace=force,
+                version=spec.version,
+                config=spec.config,
+                upstream={name: up.key for name, up in spec.upstream.items()},
+                inputs=spec.inputs,
+                metrics=result.metrics,
+                device=result.device or {"device": "cpu"},
+                timings={
+                    "started": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
+                    "seconds": round(finished - started, 3),
+                },
+                **result.extra,
+            )
+    shutil.rmtree(store.work_dir(spec.stage, spec.key), ignore_errors=True)  # checkpoints
+    log.info("%s: published %s in %.1fs", spec.stage, ref.short, finished - started)
+    return ref
+
+
+class StoreCachePolicy(CachePolicy):
+    """Prefect cache key = the artifact key *and* the identity of the published artifact.
+
+    Returns no key when the store lacks the complete artifact (so the task runs), and folds the
+    manifest's `created_at`/host into the key so a republished artifact (forced, quarantined and
+    rebuilt) can never be answered with an older Prefect result record.
+    """
+
+    def __init__(self, spec_fn: Callable[..., StageSpec]):
+        super().__init__()
+        self.spec_fn = spec_fn
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: Any, **kw: Any):
+        if inputs.get("force"):
+            return None
+        args = {k: v for k, v in inputs.items() if k != "force"}
+        try:
+            spec = self.spec_fn(**args)
+        except FastTrackError:
+            return None  # the task itself will raise the same error, cleanly
+        store = ArtifactStore(args["cfg"].store)
+        manifest = store.read_manifest(spec.stage, spec.key)
+        if manifest is None or store.lookup(spec.stage, spec.key) is None:
+            return None
+        identity = f"{spec.key}:{manifest.get('created_at')}:{manifest.get('host')}"
+        return f"fasttrack-{spec.stage}-{hashlib.sha256(identity.encode()).hexdigest()[:32]}"
+
+
+def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retries help I/O hiccups and killed training (resume), never a bad config or file."""
+    try:
+        state.result()
+    except FastTrackError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+def stage_task(spec_fn: Callable[..., StageSpec], **task_options: Any):
+    """Wrap a stage function `fn(cfg, *refs, force=False) -> ArtifactRef` as a Prefect task.
+
+    A ref found in the store comes back as a `Cached` state, so Prefect shows every reuse the same
+    way whether it was answered by Prefect's record or by the store.
+    """
+
+    def decorate(fn: Callable[..., ArtifactRef]):
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any):
+            ref = fn(*args, **kwargs)
+            return Completed(data=ref, name="Cached") if ref.reused else ref
+
+        options = {
+            "persist_result": True,
+            "cache_policy": StoreCachePolicy(spec_fn),
+            "retry_condition_fn": _retry_unless_user_error,
+        }
+        return task(run, **{**options, **task_options})
+
+    return decorate

@@ -1,0 +1,355 @@
+"""Content-addressed artifact store: `<root>/<stage>/<key>/` + `manifest.json`, on any fsspec URL.
+
+Why this shape: the store, not Prefect's result cache, is the source of truth. An artifact is
+complete exactly when its manifest exists and lists files that are all present, and the manifest
+is written last (local: a staging dir renamed into place; object stores: files first, manifest
+last), so a crash can leave only staging litter, never a half artifact that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from filelock import FileLock
+from fsspec.implementations.local import LocalFileSystem
+from pydantic import BaseModel, ConfigDict
+
+from tasks.errors import StoreError
+
+MANIFEST = "manifest.json"
+_STAGE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+_RESERVED = {"tmp", "work", "locks", "quarantine"}
+_VERSIONED = ("torch", "transformers", "tokenizers", "datasets", "peft", "trl", "accelerate",
+              "bitsandbytes", "prefect", "numpy", "pyarrow", "llm-fasttrack")  # fmt: skip
+
+
+class ArtifactRef(BaseModel):
+    """What a stage returns: small, serialisable, enough to find the artifact again."""
+
+    model_config = ConfigDict(frozen=True)
+    stage: str
+    key: str
+    uri: str
+    metrics: dict[str, Any] = {}
+    reused: bool = False  # True when this call found the artifact instead of building it
+
+    @property
+    def short(self) -> str:
+        return self.key[:12]
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON: sorted keys, no whitespace, so equal configs hash equally."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def compute_key(
+    stage: str,
+    version: str,
+    config: Any,
+    upstream: dict[str, str] | None = None,
+    inputs: dict[str, str] | None = None,
+) -> str:
+    """sha256 over everything that determines a stage's output (see DESIGN.md)."""
+    if isinstance(config, BaseModel):
+        config = config.model_dump(mode="json")
+    payload = {
+        "stage": stage,
+        "version": version,
+        "config": config,
+        "upstream": upstream or {},
+        "inputs": inputs or {},
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ArtifactStore:
+    """Publish, find and fetch artifacts under a root that is a local path or an fsspec URL."""
+
+    def __init__(self, url: str | Path = "artifacts", cache_dir: str | Path | None = None):
+        self.url = str(url)
+        self.fs, root = fsspec.core.url_to_fs(self.url)
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.root = os.path.abspath(root) if self.local else root.rstrip("/")
+        default_cache = Path(os.environ.get("FASTTRACK_CACHE", Path.home() / ".cache/fasttrack"))
+        self.cache = Path(cache_dir) if cache_dir else default_cache
+        # Local scratch (staging, checkpoints, locks) lives in the store when it is local, so a
+        # rename publishes atomically; for remote stores it lives in the local cache.
+        self.scratch = Path(self.root) if self.local else self.cache / "scratch"
+
+    # ---- paths -------------------------------------------------------------------------
+    def _dir(self, stage: str, key: str) -> str:
+        if not _STAGE_RE.match(stage) or stage in _RESERVED:
+            raise StoreError(f"invalid stage name {stage!r}")
+        if not _KEY_RE.match(key):
+            raise StoreError(f"invalid artifact key {key!r} (expected 64 hex digits)")
+        return f"{self.root}/{stage}/{key}"
+
+    def uri(self, stage: str, key: str) -> str:
+        path = self._dir(stage, key)
+        return path if self.local else self.fs.unstrip_protocol(path)
+
+    def work_dir(self, stage: str, key: str) -> Path:
+        """Deterministic per-key scratch dir (checkpoints): a retry finds what a crash left."""
+        self._dir(stage, key)
+        return self.scratch / "work" / stage / key
+
+    @contextmanager
+    def lock(self, stage: str, key: str, timeout: float = -1) -> Iterator[None]:
+        """Serialise work on one key (same host or shared local filesystem)."""
+        self._dir(stage, key)
+        path = self.scratch / "locks" / f"{stage}-{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path), timeout=timeout):
+            yield
+
+    # ---- lookup ------------------------------------------------------------------------
+    def read_manifest(self, stage: str, key: str) -> dict[str, Any] | None:
+        path = f"{self._dir(stage, key)}/{MANIFEST}"
+        try:
+            with self.fs.open(path, "rb") as f:
+                manifest = json.loads(f.read())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if manifest.get("key") != key or manifest.get("stage") != stage:
+            return None
+        return manifest
+
+    def lookup(self, stage: str, key: str) -> ArtifactRef | None:
+        """The ref of a *complete* artifact (manifest + every listed file at its size), or None."""
+        manifest = self.read_manifest(stage, key)
+        if manifest is None:
+            return None
+        base = self._dir(stage, key)
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return None
+        sizes = {p[len(base) + 1 :]: info.get("size") for p, info in found.items()}
+        for entry in manifest.get("files", []):
+            if sizes.get(entry["path"]) != entry["size"]:
+                return None
+        return self._ref(manifest, reused=True)
+
+    def _ref(self, manifest: dict[str, Any], reused: bool) -> ArtifactRef:
+        stage, key = manifest["stage"], manifest["key"]
+        return ArtifactRef(
+            stage=stage,
+            key=key,
+            uri=self.uri(stage, key),
+            metrics=manifest.get("metrics", {}),
+            reused=reused,
+        )
+
+    def manifests(self) -> list[dict[str, Any]]:
+        """Every complete-looking manifest in the store (for `fasttrack ls`)."""
+        out = []
+        for path in sorted(self.fs.glob(f"{self.root}/*/*/{MANIFEST}")):
+            stage, key = path.split("/")[-3:-1]
+            if stage in _RESERVED or not _KEY_RE.match(key):
+                continue
+            manifest = self.read_manifest(stage, key)
+            if manifest is not None:
+                out.append(manifest)
+        return out
+
+    def verify(self, stage: str, key: str) -> list[str]:
+        """Problems found by re-hashing every file of an artifact (empty list = intact)."""
+        manifest = self.read_manifest(stage, key)
+        if manifest is None:
+            return [f"{stage}/{key}: no readable manifest"]
+        problems, base = [], self._dir(stage, key)
+        for entry in manifest["files"]:
+            try:
+                with self.fs.open(f"{base}/{entry['path']}", "rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+            except FileNotFoundError:
+                problems.append(f"{entry['path']}: missing")
+                continue
+            if digest != entry["sha256"]:
+                problems.append(f"{entry['path']}: sha256 mismatch")
+        return problems
+
+    # ---- publish -----------------------------------------------------------------------
+    @contextmanager
+    def staging(self, stage: str, key: str) -> Iterator[Path]:
+        """A fresh local dir to build an artifact in; removed afterwards unless published."""
+        self._dir(stage, key)
+        name = f"{socket.gethostname()}--{os.getpid()}--{stage}-{key[:12]}-{uuid.uuid4().hex[:8]}"
+        path = self.scratch / "tmp" / name
+        path.mkdir(parents=True)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def publish(
+        self,
+        stage: str,
+        key: str,
+        src: Path,
+        *,
+        replace: bool = False,
+        **fields: Any,
+    ) -> ArtifactRef:
+        """Publish the files in `src` as artifact (stage, key); manifest written last.
+
+        `fields` go into the manifest (config, upstream, inputs, metrics, timings, device...).
+        If another process published the key first, its artifact wins and ours is discarded.
+        """
+        final = self._dir(stage, key)
+        files = [
+            {
+                "path": p.relative_to(src).as_posix(),
+                "size": p.stat().st_size,
+                "sha256": sha256_file(p),
+            }
+            for p in sorted(src.rglob("*"))
+            if p.is_file() and p.name != MANIFEST
+        ]
+        manifest = {
+            "format": 1,
+            "key": key,
+            "stage": stage,
+            **fields,
+            "versions": library_versions(),
+            "host": socket.gethostname(),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "files": files,
+        }
+        if not replace and (existing := self.lookup(stage, key)) is not None:
+            return existing
+        if self.local:
+            ours = self._publish_local(src, final, manifest, replace)
+        else:
+            ours = self._publish_remote(src, final, manifest, files, replace)
+        published = self.lookup(stage, key)
+        if published is None:  # pragma: no cover - would mean the filesystem lied to us
+            raise StoreError(f"{stage}/{key}: publish did not produce a complete artifact")
+        return published.model_copy(update={"reused": not ours})
+
+    def _publish_local(self, src: Path, final: str, manifest: dict, replace: bool) -> bool:
+        tmp = self.scratch / "tmp" / f"pub-{uuid.uuid4().hex}"
+        shutil.copytree(src, tmp) if src.parent != tmp.parent else src.rename(tmp)
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        Path(final).parent.mkdir(parents=True, exist_ok=True)
+        trash = None
+        if replace and os.path.exists(final):
+            trash = self.scratch / "tmp" / f"trash-{uuid.uuid4().hex}"
+            os.rename(final, trash)
+        try:
+            os.rename(tmp, final)
+            ours = True
+        except OSError:  # another process published the same key first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+            ours = False
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        return ours
+
+    def _publish_remote(
+        self, src: Path, final: str, manifest: dict, files: list[dict], replace: bool
+    ) -> bool:
+        if replace:
+            self.fs.rm(f"{final}/{MANIFEST}") if self.fs.exists(f"{final}/{MANIFEST}") else None
+        for entry in files:
+            self.fs.put_file(str(src / entry["path"]), f"{final}/{entry['path']}")
+        if not replace and self.read_manifest(manifest["stage"], manifest["key"]) is not None:
+            return False  # someone else finished first; theirs stays
+        payload = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+        self.fs.pipe_file(f"{final}/{MANIFEST}", payload)
+        return True
+
+    # ---- fetch -------------------------------------------------------------------------
+    def local_path(self, ref: ArtifactRef) -> Path:
+        """A local directory holding the artifact's files (downloaded and verified if remote)."""
+        if self.local:
+            return Path(self._dir(ref.stage, ref.key))
+        dest = self.cache / "artifacts" / ref.stage / ref.key
+        if (dest / MANIFEST).exists():
+            return dest
+        manifest = self.read_manifest(ref.stage, ref.key)
+        if manifest is None:
+            raise StoreError(f"{ref.stage}/{ref.key}: artifact not found in {self.url}")
+        tmp = Path(tempfile.mkdtemp(prefix=f"fetch-{ref.key[:12]}-", dir=self._mkcache()))
+        base = self._dir(ref.stage, ref.key)
+        for entry in manifest["files"]:
+            target = tmp / entry["path"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(f"{base}/{entry['path']}", str(target))
+            if sha256_file(target) != entry["sha256"]:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise StoreError(f"{ref.stage}/{ref.key}/{entry['path']}: sha256 mismatch")
+        (tmp / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.rename(dest)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+
+    def _mkcache(self) -> Path:
+        self.cache.mkdir(parents=True, exist_ok=True)
+        return self.cache
+
+    def clean_tmp(self, min_age_s: float = 60.0) -> int:
+        """Remove staging litter of dead processes on this host; returns the number removed."""
+        tmp, host, removed = self.scratch / "tmp", socket.gethostname(), 0
+        if not tmp.is_dir():
+            return 0
+        for entry in tmp.iterdir():
+            parts = entry.name.split("--")
+            ours = len(parts) == 3 and parts[0] == host and parts[1].isdigit()
+            stale = time.time() - entry.stat().st_mtime > min_age_s
+            dead = ours and not _pid_alive(int(parts[1]))
+            if dead or (not ours and stale):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        return removed

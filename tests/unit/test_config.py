@@ -1,0 +1,122 @@
+from pathlib import Path
+
+import pytest
+
+from tasks.config import DEFAULT_CONFIG, RunConfig, load_config
+from tasks.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "pipeline_configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.data.sources
+
+
+def test_default_config_is_tiny_cpu() -> None:
+    assert DEFAULT_CONFIG.name == "tiny-cpu.yaml"
+    assert load_config(None).name == "tiny-cpu"
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "x.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = "data:\n  sources:\n    - {path: 'demo:pydoc_topics', format: text}\n"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
+    p = _write(tmp_path, BASE + "pretrain:\n  max_steps: [1, 2\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    assert str(exc.value).startswith(f"{p}:")
+    assert "YAML syntax error" in str(exc.value)
+    line = int(str(exc.value).split(":")[1])
+    assert line >= 5
+
+
+def test_unknown_key_names_file_line_field_and_allowed(tmp_path: Path) -> None:
+    p = _write(tmp_path, BASE + "pretrain:\n  max_stepz: 5\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(p)
+    msg = str(exc.value)
+    assert msg.startswith(f"{p}:5: pretrain.max_stepz: unknown key (allowed: ")
+    assert "max_steps" in msg
+
+
+def test_out_of_range_matches_issue_format(tmp_path: Path) -> None:
+    p = _write(tmp_path, BASE + "pretrain:\n  learning_rate: 0\n")
+    with pytest.raises(
+        ConfigError, match=r"x\.yaml:5: pretrain\.learning_rate: Input should be greater than 0"
+    ):
+        load_config(p)
+
+
+def test_wrong_type(tmp_path: Path) -> None:
+    p = _write(tmp_path, BASE + "pretrain:\n  max_steps: lots\n")
+    with pytest.raises(ConfigError, match=r"pretrain\.max_steps: Input should be a valid integer"):
+        load_config(p)
+
+
+def test_nested_list_field_path(tmp_path: Path) -> None:
+    p = _write(tmp_path, "data:\n  sources:\n    - {path: a.jsonl, format: csvish}\n")
+    with pytest.raises(ConfigError, match=r"x\.yaml:3: data\.sources\.0\.format: Input should be"):
+        load_config(p)
+
+
+def test_unknown_column_field_is_rejected(tmp_path: Path) -> None:
+    p = _write(
+        tmp_path, "data:\n  sources:\n    - {path: a.jsonl, format: alpaca, columns: {answer: a}}\n"
+    )
+    with pytest.raises(ConfigError, match=r"columns\.answer: not a field of format alpaca"):
+        load_config(p)
+
+
+def test_block_size_larger_than_positions(tmp_path: Path) -> None:
+    p = _write(
+        tmp_path,
+        BASE
+        + "model:\n  architecture: {max_position_embeddings: 64}\npretrain: {block_size: 128}\n",
+    )
+    with pytest.raises(
+        ConfigError, match=r"block_size \(128\) is larger than .*max_position_embeddings \(64\)"
+    ):
+        load_config(p)
+
+
+def test_overrides_apply_and_parse_yaml_values(tmp_path: Path) -> None:
+    p = _write(tmp_path, BASE)
+    cfg = load_config(p, ["pretrain.max_steps=50", "pretrain.learning_rate=1e-3", "name=abc"])
+    assert cfg.pretrain.max_steps == 50
+    assert cfg.pretrain.learning_rate == pytest.approx(1e-3)
+    assert cfg.name == "abc"
+    cfg = load_config(p, ["data.sources.0.max_rows=3"])
+    assert cfg.data.sources[0].max_rows == 3
+
+
+def test_bad_override_names_the_set_argument(tmp_path: Path) -> None:
+    p = _write(tmp_path, BASE)
+    with pytest.raises(
+        ConfigError,
+        match=r"--set pretrain\.max_steps=-1: pretrain\.max_steps: Input should be greater than 0",
+    ):
+        load_config(p, ["pretrain.max_steps=-1"])
+    with pytest.raises(ConfigError, match=r"--set pretrain\.bogus=1: pretrain\.bogus: unknown key"):
+        load_config(p, ["pretrain.bogus=1"])
+    with pytest.raises(ConfigError, match=r"--set pretrain: expected KEY=VALUE"):
+        load_config(p, ["pretrain"])
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path, BASE))
+    with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error type is internal
+        cfg.pretrain.max_steps = 3  # type: ignore[misc]

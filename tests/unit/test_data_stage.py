@@ -1,0 +1,109 @@
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.config import load_config
+from tasks.data import data_spec, prepare_data, read_split
+from tasks.errors import DataError
+from tasks.store import ArtifactStore
+from tests.conftest import tiny_config_dict, write_config
+
+
+def _rows(store: ArtifactStore, ref, kind: str) -> dict[str, list]:
+    return {s: read_split(store, ref, kind, s) for s in ("train", "validation", "test")}
+
+
+def test_data_stage_outputs_splits_and_stats(tiny_cfg) -> None:
+    store = ArtifactStore(tiny_cfg.store)
+    ref = prepare_data(tiny_cfg)
+    path = Path(ref.uri)
+    assert sorted(p.name for p in path.iterdir()) == [
+        "corpus",
+        "manifest.json",
+        "sft",
+        "stats.json",
+    ]
+    stats = json.loads((path / "stats.json").read_text())
+    assert stats["corpus"]["loaded"] == 30
+    corpus = _rows(store, ref, "corpus")
+    total = sum(len(v) for v in corpus.values())
+    assert total == stats["corpus"]["kept"] == ref.metrics["corpus.train_rows"] + 6
+    assert len(corpus["test"]) == 3 and len(corpus["validation"]) == 3
+    texts = [r["text"] for split in corpus.values() for r in split]
+    assert len(set(texts)) == len(texts)  # no row in two splits
+    sft = read_split(store, ref, "sft", "train")
+    assert sft[0]["messages"][-1]["role"] == "assistant"
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["stats"] == stats and set(manifest["inputs"]) == {"source0", "source1"}
+
+
+def test_data_stage_is_deterministic(tmp_path: Path) -> None:
+    a = load_config(write_config(tmp_path / "a.yaml", tiny_config_dict(tmp_path / "s1")))
+    b = load_config(write_config(tmp_path / "b.yaml", tiny_config_dict(tmp_path / "s2")))
+    ra, rb = prepare_data(a), prepare_data(b)
+    assert ra.key == rb.key
+    for part in ("corpus/train.parquet", "corpus/test.parquet", "sft/validation.parquet"):
+        ta = pq.read_table(Path(ra.uri) / part).to_pylist()
+        assert ta == pq.read_table(Path(rb.uri) / part).to_pylist()
+    other = tiny_config_dict(tmp_path / "s3")
+    other["data"]["split"]["seed"] = 2
+    rc = prepare_data(load_config(write_config(tmp_path / "c.yaml", other)))
+    test_a = [r["text"] for r in pq.read_table(Path(ra.uri) / "corpus/test.parquet").to_pylist()]
+    test_c = [r["text"] for r in pq.read_table(Path(rc.uri) / "corpus/test.parquet").to_pylist()]
+    assert rc.key != ra.key and test_a != test_c
+
+
+def test_dedup_and_filters_are_counted(tmp_path: Path) -> None:
+    para = " ".join(f"word{i}" for i in range(60))
+    rows = [
+        {"text": para},
+        {"text": para.upper()},  # exact duplicate after casefold
+        {"text": para.replace("word59", "changed")},  # near duplicate
+        {"text": "short"},
+        {"text": "   "},
+        {"text": " ".join(f"other{i}" for i in range(40))},
+        {"text": " ".join(f"third{i}" for i in range(40))},
+        {"text": " ".join(f"fourth{i}" for i in range(40))},
+    ]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config_dict(
+        tmp_path / "s", data={"sources": [{"path": str(path), "format": "text"}]}
+    )
+    cfg["data"]["clean"] = {"min_chars": 10}
+    ref = prepare_data(load_config(write_config(tmp_path / "c.yaml", cfg)))
+    stats = json.loads((Path(ref.uri) / "stats.json").read_text())["corpus"]
+    assert stats["dropped_exact_duplicate"] == 1
+    assert stats["dropped_near_duplicate"] == 1
+    assert stats["dropped_too_short"] == 1 and stats["dropped_empty"] == 1
+    assert stats["kept"] == 4
+
+
+def test_empty_after_cleaning_says_which_filter(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.jsonl"
+    path.write_text('{"text": "ab"}\n{"text": "cd"}\n{"text": "ab"}\n')
+    cfg = tiny_config_dict(
+        tmp_path / "s", data={"sources": [{"path": str(path), "format": "text"}]}
+    )
+    cfg["data"]["clean"] = {"min_chars": 10}
+    loaded = load_config(write_config(tmp_path / "c.yaml", cfg))
+    with pytest.raises(
+        DataError,
+        match=r"corpus dataset is empty after cleaning: all 3 rows were removed: too_short 3",
+    ):
+        prepare_data(loaded)
+    assert ArtifactStore(loaded.store).manifests() == []
+
+
+def test_key_follows_source_content(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "' + "x " * 50 + '"}\n')
+    cfg = tiny_config_dict(
+        tmp_path / "s", data={"sources": [{"path": str(path), "format": "text"}]}
+    )
+    loaded = load_config(write_config(tmp_path / "c.yaml", cfg))
+    first = data_spec(loaded).key
+    path.write_text('{"text": "' + "y " * 50 + '"}\n')
+    assert data_spec(loaded).key != first
