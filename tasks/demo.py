@@ -6,6 +6,8 @@
   `alpaca`; `source` names the function so retrieval can be scored later).
 - `stdlib_preference.jsonl`: chosen = that answer, rejected = the first paragraph of another
   function of the same module, a plausible but wrong answer (format `preference`).
+- `stdlib_docs.jsonl`: the full docstring of each of those functions as a document titled by its
+  qualified name (format `text`): the corpus in which RAG must find a QA pair's `source`.
 
 The generated files are committed (docstrings differ between Python versions). Regenerate with:
     python -m tasks.demo
@@ -88,8 +90,8 @@ def _stable_index(text: str, n: int) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest(), 16) % n
 
 
-def documented_functions(module_name: str) -> list[tuple[str, str]]:
-    """(qualified name, first paragraph) of the module's public, documented callables."""
+def documented_functions(module_name: str) -> list[tuple[str, str, str]]:
+    """(qualified name, first paragraph, full docstring) of the module's documented callables."""
     module = importlib.import_module(module_name)
     out = []
     for name in sorted(getattr(module, "__all__", None) or dir(module)):
@@ -107,7 +109,7 @@ def documented_functions(module_name: str) -> list[tuple[str, str]]:
             continue
         answer = first_paragraph(doc)
         if 40 <= len(answer) <= 600 and not answer.startswith(name + "("):
-            out.append((f"{module_name}.{name}", answer))
+            out.append((f"{module_name}.{name}", answer, doc))
     return out
 
 
@@ -120,19 +122,25 @@ def build() -> dict[str, list[dict]]:
         for title, text in sorted(pydoc_data.topics.topics.items())
         if len(text.strip()) > 200
     ]
-    qa, pref = [], []
+    qa, pref, docs = [], [], []
     for module_name in MODULES:
         funcs = documented_functions(module_name)
-        for i, (qualname, answer) in enumerate(funcs):
+        for i, (qualname, answer, doc) in enumerate(funcs):
+            docs.append({"title": qualname, "text": f"{qualname}\n\n{doc}"})
             question = QUESTIONS[_stable_index(qualname, len(QUESTIONS))].format(qualname)
             qa.append({"instruction": question, "input": "", "output": answer, "source": qualname})
-            others = [a for _, a in funcs[i + 1 :] + funcs[:i] if a != answer]
+            others = [a for _, a, _ in funcs[i + 1 :] + funcs[:i] if a != answer]
             if others:
                 rejected = others[_stable_index(qualname + "/r", len(others))]
                 pref.append(
                     {"prompt": question, "chosen": answer, "rejected": rejected, "source": qualname}
                 )
-    return {"pydoc_topics": topics, "stdlib_qa": qa, "stdlib_preference": pref}
+    return {
+        "pydoc_topics": topics,
+        "stdlib_docs": docs,
+        "stdlib_qa": qa,
+        "stdlib_preference": pref,
+    }
 
 
 def write(out_dir: Path = DEMO_DIR) -> dict[str, int]:

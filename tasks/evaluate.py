@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 
 from tasks.config import RunConfig
-from tasks.data import read_split
+from tasks.data import has_kind, read_split
 from tasks.errors import ModelError
 from tasks.models import load_model, max_positions, pick_device
 from tasks.perplexity import strided_perplexity
+from tasks.scoring import completion_loss, preference_accuracy
 from tasks.stage import BuildResult, StageSpec, run_stage, stage_task
 from tasks.store import ArtifactRef, ArtifactStore
 
@@ -25,7 +26,7 @@ VERSION = "1"
 
 
 def eval_spec(cfg: RunConfig, model: ArtifactRef, data: ArtifactRef) -> StageSpec:
-    config = {"perplexity": cfg.evaluate.perplexity.model_dump(mode="json")}
+    config = cfg.evaluate.model_dump(mode="json")
     return StageSpec("evaluate", VERSION, config, upstream={"model": model, "data": data})
 
 
@@ -40,6 +41,32 @@ def token_stream(texts: list[str], tokenizer, max_tokens: int | None) -> tuple[t
         ids.extend(doc[:max_tokens] if max_tokens else doc)
         n_bytes += len(text.encode("utf-8"))
     return torch.tensor(ids, dtype=torch.long), n_bytes
+
+
+def answer_metrics(cfg: RunConfig, store: ArtifactStore, data: ArtifactRef, model, tok) -> dict:
+    """Held-out SFT completion loss and preference accuracy (when the data has those kinds and
+    the tokenizer has a chat template)."""
+    a = cfg.evaluate.answers
+    out: dict[str, float] = {}
+    if not tok.chat_template:
+        return out
+    if has_kind(store, data, "sft"):
+        rows = read_split(store, data, "sft", a.split)[: a.max_rows]
+        pairs = [(_last(r, "user"), _last(r, "assistant")) for r in rows]
+        pairs = [(p, c) for p, c in pairs if p and c]
+        if pairs:
+            prompts, answers = zip(*pairs, strict=True)
+            loss = completion_loss(model, tok, list(prompts), list(answers), a.max_length)
+            out["sft_loss"] = round(loss, 5)
+    if has_kind(store, data, "preference"):
+        rows = read_split(store, data, "preference", a.split)[: a.max_rows]
+        if rows:
+            out |= preference_accuracy(model, tok, rows, a.max_length)
+    return out
+
+
+def _last(row: dict, role: str) -> str:
+    return next((m["content"] for m in reversed(row["messages"]) if m["role"] == role), "")
 
 
 def build_eval(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
@@ -80,6 +107,7 @@ def build_eval(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         "bytes": res.bytes,
         "weighting": "token-weighted sum of NLL over scored tokens; context tokens masked",
     }
+    metrics |= answer_metrics(cfg, store, spec.upstream["data"], model, tok)
     (out / "metrics.json").write_text(json.dumps({**metrics, "protocol": protocol}, indent=2))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return BuildResult(

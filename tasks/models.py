@@ -177,9 +177,17 @@ def load_pretrained(
     kwargs = {"revision": revision, "trust_remote_code": cfg.model.trust_remote_code}
     try:
         tok = AutoTokenizer.from_pretrained(name, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            name, use_safetensors=True, dtype=dtype or pick_dtype(), **kwargs
-        )
+        if (Path(name) / "adapter_config.json").is_file():  # an SFT/DPO adapter artifact
+            from peft import AutoPeftModelForCausalLM
+
+            peft_model = AutoPeftModelForCausalLM.from_pretrained(
+                name, use_safetensors=True, dtype=dtype or pick_dtype(), **kwargs
+            )
+            model = peft_model.merge_and_unload()  # plain weights: faster eval/generation
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                name, use_safetensors=True, dtype=dtype or pick_dtype(), **kwargs
+            )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"model.name_or_path: cannot load {name!r}: {first}") from None

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from tasks.store import ArtifactRef
 
 TABLE_KEY = "fasttrack-metrics"
-TABLE_COLUMNS = ("perplexity", "bits_per_byte", "eval_tokens")
+TABLE_COLUMNS = ("perplexity", "bits_per_byte", "sft_loss", "pref_accuracy", "pref_margin")
 
 
 class StepRecord(BaseModel):
@@ -43,7 +43,7 @@ class StepRunner:
         self.force = set(force or [])
         self.steps: list[StepRecord] = []
 
-    def __call__(self, task: Any, *args: Any) -> ArtifactRef:
+    def __call__(self, task: Any, *args: Any, label: str | None = None) -> ArtifactRef:
         name = task.name
         forced = name in self.force or "all" in self.force
         started = time.perf_counter()
@@ -51,7 +51,7 @@ class StepRunner:
         ref: ArtifactRef = state.result()  # re-raises the task's error if it failed
         self.steps.append(
             StepRecord(
-                step=name,
+                step=label or name,
                 key=ref.key,
                 status="cached" if state.name == "Cached" else "executed",
                 seconds=round(time.perf_counter() - started, 3),

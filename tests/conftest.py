@@ -15,6 +15,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tasks.config import RunConfig, load_config  # noqa: E402
 
+_TINY_TRAIN = {
+    "per_device_batch_size": 8,
+    "learning_rate": 5e-3,
+    "logging_steps": 5,
+    "eval_steps": 10,
+    "save_steps": 10,
+    "eval_max_rows": 16,
+}
+
 
 def tiny_config_dict(store: Path, **sections: Any) -> dict[str, Any]:
     """A config that trains in seconds: 30 corpus docs, 1-layer 32-dim Llama, 40 steps."""
@@ -38,6 +47,7 @@ def tiny_config_dict(store: Path, **sections: Any) -> dict[str, Any]:
             "sources": [
                 {"path": "demo:pydoc_topics", "format": "text", "max_rows": 30},
                 {"path": "demo:stdlib_qa", "format": "alpaca", "max_rows": 60},
+                {"path": "demo:stdlib_preference", "format": "preference", "max_rows": 60},
             ],
             "split": {"validation": 0.1, "test": 0.1, "seed": 1},
         },
@@ -51,7 +61,12 @@ def tiny_config_dict(store: Path, **sections: Any) -> dict[str, Any]:
             "save_steps": 20,
             "eval_max_blocks": 8,
         },
-        "evaluate": {"perplexity": {"max_length": 64, "stride": 32, "max_tokens": 3000}},
+        "sft": {**_TINY_TRAIN, "max_steps": 20, "max_length": 128},
+        "dpo": {**_TINY_TRAIN, "max_steps": 15, "max_length": 128},
+        "evaluate": {
+            "perplexity": {"max_length": 64, "stride": 32, "max_tokens": 3000},
+            "answers": {"max_rows": 16, "max_length": 128},
+        },
     }
     for name, value in sections.items():
         if isinstance(value, dict) and isinstance(cfg.get(name), dict):

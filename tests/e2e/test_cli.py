@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from tasks.config import load_config
-from tasks.pretrain import checkpoint_complete
 from tasks.store import ArtifactStore
+from tasks.training import checkpoint_complete
 from tests.conftest import tiny_config_dict, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]

@@ -13,6 +13,8 @@ from flows.pipeline import PipelineParams, pipeline
 from tasks.store import ArtifactStore
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
+TRAINING_STEPS = ["data", "base", "pack", "pretrain", "sft", "dpo_ref", "dpo"]
+EVAL_STEPS = ["evaluate:base", "evaluate:pretrain", "evaluate:sft", "evaluate:dpo"]
 
 
 def _task_run_states(flow_run_id, expected: int) -> list[str]:
@@ -36,19 +38,12 @@ def _task_run_states(flow_run_id, expected: int) -> list[str]:
 def test_pipeline_trains_caches_and_reruns_only_what_changed(tiny_cfg_path: Path, tiny_cfg) -> None:
     params = PipelineParams(config=str(tiny_cfg_path))
     first = pipeline(params)
-    assert [s.step for s in first.steps] == [
-        "data",
-        "base",
-        "pack",
-        "pretrain",
-        "evaluate",
-        "evaluate",
-    ]
-    assert len(first.executed) == 6
+    assert [s.step for s in first.steps] == [*TRAINING_STEPS, *EVAL_STEPS]
+    assert len(first.executed) == 11
     pre = next(s for s in first.steps if s.step == "pretrain").metrics
     assert pre["last_logged_loss"] < pre["first_logged_loss"] - 0.3  # it learned
-    base_row, pre_row = first.table
-    assert (base_row["model"], pre_row["model"]) == ("base", "pretrain")
+    base_row, pre_row = first.table[:2]
+    assert [r["model"] for r in first.table] == ["base", "pretrain", "sft", "dpo"]
     assert pre_row["perplexity"] < base_row["perplexity"] / 2
 
     # The published model is a stock HF model, and its stored perplexity is reproducible by hand.
@@ -60,7 +55,7 @@ def test_pipeline_trains_caches_and_reruns_only_what_changed(tiny_cfg_path: Path
     tok = AutoTokenizer.from_pretrained(pre_ref.uri)
     ids = tok("Assignment statements", return_tensors="pt")["input_ids"]
     assert model.generate(ids, max_new_tokens=5, do_sample=False).shape[1] == ids.shape[1] + 5
-    eval_key = next(s.key for s in first.steps[5:])
+    eval_key = next(s.key for s in first.steps if s.step == "evaluate:pretrain")
     protocol = json.loads((Path(store.uri("evaluate", eval_key)) / "manifest.json").read_text())[
         "protocol"
     ]
@@ -73,13 +68,16 @@ def test_pipeline_trains_caches_and_reruns_only_what_changed(tiny_cfg_path: Path
     state = pipeline(params, return_state=True)
     second = state.result()
     assert second.executed == [] and second.table == first.table
-    assert _task_run_states(state.state_details.flow_run_id, 6) == ["Cached"] * 6
+    assert _task_run_states(state.state_details.flow_run_id, 11) == ["Cached"] * 11
 
-    # One pretrain field changed: pretrain + its evaluation re-run; data, base, pack do not.
+    # One pretrain field changed: pretrain and what depends on it re-run; data, base, pack and
+    # the base model's evaluation do not.
     third = pipeline(
         PipelineParams(config=str(tiny_cfg_path), overrides=["pretrain.learning_rate=8e-3"])
     )
-    assert sorted(third.executed) == ["evaluate", "pretrain"]
+    assert sorted(third.executed) == sorted(
+        ["pretrain", "sft", "dpo_ref", "dpo", "evaluate:pretrain", "evaluate:sft", "evaluate:dpo"]
+    )
     assert third.table[0] == first.table[0] and third.table[1] != first.table[1]
 
     # --force re-executes exactly the forced step.
@@ -101,6 +99,6 @@ def test_stage_selection(tmp_path: Path) -> None:
     only_data = pipeline(PipelineParams(config=str(path), stages=["data"]))
     assert [s.step for s in only_data.steps] == ["data"] and only_data.table == []
     eval_only = pipeline(PipelineParams(config=str(path), stages=["evaluate"]))
-    assert [s.step for s in eval_only.steps] == ["data", "base", "evaluate"]
+    assert [s.step for s in eval_only.steps] == ["data", "base", "evaluate:base"]
     assert [r["model"] for r in eval_only.table] == ["base"]
     assert torch.isfinite(torch.tensor(eval_only.table[0]["perplexity"]))

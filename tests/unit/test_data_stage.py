@@ -22,6 +22,7 @@ def test_data_stage_outputs_splits_and_stats(tiny_cfg) -> None:
     assert sorted(p.name for p in path.iterdir()) == [
         "corpus",
         "manifest.json",
+        "preference",
         "sft",
         "stats.json",
     ]
@@ -36,7 +37,11 @@ def test_data_stage_outputs_splits_and_stats(tiny_cfg) -> None:
     sft = read_split(store, ref, "sft", "train")
     assert sft[0]["messages"][-1]["role"] == "assistant"
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["stats"] == stats and set(manifest["inputs"]) == {"source0", "source1"}
+    assert manifest["stats"] == stats and set(manifest["inputs"]) == {
+        "source0",
+        "source1",
+        "source2",
+    }
 
 
 def test_data_stage_is_deterministic(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import torch
 
-from tasks.pretrain import collate_blocks, last_checkpoint, pretrain_spec
+from tasks.pretrain import collate_blocks, pretrain_spec
+from tasks.training import last_checkpoint
 
 
 def _checkpoint(work: Path, step: int, complete: bool = True) -> Path:

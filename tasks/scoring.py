@@ -1,0 +1,91 @@
+"""Log-probabilities of answers under a chat model: completion loss and preference accuracy.
+
+One function scores every model the same way (prompt through the chat template with the
+generation prompt, answer = what the template renders after it, EOS included), so SFT loss and
+preference accuracy are comparable across base, pretrained, SFT and DPO models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Scored:
+    logp: list[float]  # summed log-prob of each answer
+    tokens: list[int]  # answer tokens scored per example
+
+
+def encode_pair(tok: Any, prompt: str, answer: str, max_length: int) -> tuple[list[int], int]:
+    """(ids of prompt + answer, index where the answer starts), left-truncating the prompt."""
+    user = [{"role": "user", "content": prompt}]
+    p_ids = tok.apply_chat_template(
+        user, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    full = tok.apply_chat_template(
+        [*user, {"role": "assistant", "content": answer}], tokenize=True, return_dict=False
+    )
+    if full[: len(p_ids)] != p_ids:  # template not prefix-stable: fall back to concatenation
+        full = p_ids + tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    answer_ids = full[len(p_ids) :][: max_length - 1]
+    keep = max(max_length - len(answer_ids), 1)
+    prompt_ids = p_ids[-keep:]
+    return prompt_ids + answer_ids, len(prompt_ids)
+
+
+@torch.inference_mode()
+def score_answers(
+    model: Any,
+    tok: Any,
+    prompts: list[str],
+    answers: list[str],
+    max_length: int,
+    batch_size: int = 8,
+) -> Scored:
+    """Summed log-prob and token count of each answer given its prompt."""
+    model.eval()
+    device = next(model.parameters()).device
+    pairs = [encode_pair(tok, p, a, max_length) for p, a in zip(prompts, answers, strict=True)]
+    logps, counts = [], []
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i : i + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        target = torch.zeros_like(ids, dtype=torch.bool)
+        for row, (seq, start) in enumerate(chunk):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+            target[row, start : len(seq)] = True
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        token_lp = logprobs.gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+        scored = target[:, 1:].to(device)
+        logps.extend((token_lp * scored).sum(-1).double().cpu().tolist())
+        counts.extend(scored.sum(-1).cpu().tolist())
+    return Scored(logp=logps, tokens=counts)
+
+
+def completion_loss(model: Any, tok: Any, prompts: list[str], answers: list[str], max_length: int):
+    """Token-weighted mean NLL of the answers (the SFT objective on held-out pairs)."""
+    s = score_answers(model, tok, prompts, answers, max_length)
+    return -sum(s.logp) / max(sum(s.tokens), 1)
+
+
+def preference_accuracy(
+    model: Any, tok: Any, rows: list[dict[str, str]], max_length: int
+) -> dict[str, float]:
+    """Share of pairs where the model gives the chosen answer more log-prob than the rejected,
+    and the mean log-prob margin."""
+    prompts = [r["prompt"] for r in rows]
+    chosen = score_answers(model, tok, prompts, [r["chosen"] for r in rows], max_length)
+    rejected = score_answers(model, tok, prompts, [r["rejected"] for r in rows], max_length)
+    margins = [c - r for c, r in zip(chosen.logp, rejected.logp, strict=True)]
+    return {
+        "pref_accuracy": round(sum(m > 0 for m in margins) / max(len(margins), 1), 5),
+        "pref_margin": round(sum(margins) / max(len(margins), 1), 5),
+    }

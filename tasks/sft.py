@@ -1,0 +1,106 @@
+"""QLoRA instruction tuning with TRL's SFTTrainer on the pretrained (or base) model.
+
+Rows become conversational prompt/completion pairs (everything before the last assistant turn
+is the prompt), so the loss is on the answers only by default and the chat template (which ends
+each turn with EOS) puts a trained EOS after every answer. Output: the adapter (stock
+`PeftModel.from_pretrained(base, dir)`), the tokenizer, and optionally `merged/`, a plain
+model for stock `AutoModelForCausalLM` / `pipeline("text-generation")`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tasks.adapters import (
+    load_for_training,
+    lora_config,
+    trainable_snapshot,
+    unchanged_tensors,
+)
+from tasks.config import RunConfig
+from tasks.data import read_split
+from tasks.models import load_model, pick_device
+from tasks.stage import BuildResult, StageSpec, run_stage, stage_task
+from tasks.store import ArtifactRef, ArtifactStore
+from tasks.training import dtype_name, run_trainer, trainer_kwargs, training_key_config
+
+VERSION = "1"
+
+
+def sft_spec(cfg: RunConfig, model: ArtifactRef, data: ArtifactRef) -> StageSpec:
+    config = training_key_config(cfg.sft, cfg.seed)
+    return StageSpec("sft", VERSION, config, upstream={"model": model, "data": data})
+
+
+def prompt_completion(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Conversational prompt/completion: the last assistant turn is the completion."""
+    out = []
+    for row in rows:
+        messages = row["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        out.append({"prompt": messages[:last], "completion": [messages[last]]})
+    return out
+
+
+def build_sft(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    s, store = cfg.sft, ArtifactStore(cfg.store)
+    data = spec.upstream["data"]
+    train = datasets.Dataset.from_list(prompt_completion(read_split(store, data, "sft", "train")))
+    val_rows = prompt_completion(read_split(store, data, "sft", "validation"))[: s.eval_max_rows]
+    val = datasets.Dataset.from_list(val_rows) if val_rows else None
+    model, tok, quant = load_for_training(cfg, spec.upstream["model"])
+    work = store.work_dir("sft", spec.key)
+    args = SFTConfig(
+        **trainer_kwargs(s, work, cfg.seed, has_eval=val is not None),
+        max_length=s.max_length,
+        completion_only_loss=s.completion_only_loss,
+        packing=s.packing,
+        dataset_num_proc=1,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=val,
+        processing_class=tok,
+        peft_config=lora_config(s.lora, model),
+    )
+    before = trainable_snapshot(trainer.model)
+    metrics = run_trainer(trainer, "sft", work, out, eval_before=True)
+    tok.save_pretrained(out)
+    unchanged = unchanged_tensors(trainer.model, before)
+    trainable = sum(t.numel() for t in before.values())
+    metrics |= {
+        "trainable_params": trainable,
+        "trainable_tensors": len(before),
+        "trainable_tensors_unchanged": len(unchanged),
+        "quantization": quant,
+    }
+    if s.merge:
+        merge_adapter(cfg, spec.upstream["model"], out, out / "merged")
+    device = {"device": pick_device(), "dtype": dtype_name(s.precision), "quantization": quant}
+    return BuildResult(metrics=metrics, device=device)
+
+
+def merge_adapter(cfg: RunConfig, model_ref: ArtifactRef, adapter: Path, dest: Path) -> None:
+    """Merge the adapter into full-precision base weights: a plain model, no peft needed."""
+    import torch
+    from peft import PeftModel
+
+    base, tok = load_model(cfg, model_ref, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    merged.save_pretrained(dest)
+    tok.save_pretrained(dest)
+
+
+def sft(cfg: RunConfig, model: ArtifactRef, data: ArtifactRef, force: bool = False) -> ArtifactRef:
+    """Instruction-tuning stage: `fasttrack run --stages sft`."""
+    spec = sft_spec(cfg, model, data)
+    return run_stage(ArtifactStore(cfg.store), spec, lambda out: build_sft(cfg, spec, out), force)
+
+
+sft_task = stage_task(sft_spec, name="sft", retries=1, retry_delay_seconds=5)(sft)

@@ -1,0 +1,143 @@
+"""What every training stage shares: Trainer arguments, resume from the newest complete
+checkpoint, progress reporting and the metrics a trainer leaves behind.
+
+Pretraining uses the HF `Trainer`, SFT and DPO the TRL trainers (its subclasses), so one set of
+helpers serves all three and they behave alike: same knobs, same resume, same logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.config import TrainingConfig
+from tasks.models import pick_device, pick_dtype
+from tasks.progress import ProgressCallback
+
+# TRL's configs still take `gradient_checkpointing` (transformers 5 calls it activation_...).
+warnings.filterwarnings(
+    "ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning
+)
+
+
+def precision_flags(precision: str) -> dict[str, bool]:
+    """bf16/fp16 autocast flags for TrainingArguments (fp32 master weights either way)."""
+    dtype = (
+        torch.float32 if pick_device() == "cpu" and precision == "auto" else pick_dtype(precision)
+    )
+    return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+
+
+def dtype_name(precision: str) -> str:
+    flags = precision_flags(precision)
+    return "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "fp32"
+
+
+def trainer_kwargs(t: TrainingConfig, work: Path, seed: int, has_eval: bool) -> dict[str, Any]:
+    """Keyword arguments valid for TrainingArguments and its TRL subclasses (SFT/DPOConfig)."""
+    return {
+        "output_dir": str(work),
+        "max_steps": t.max_steps,
+        "per_device_train_batch_size": t.per_device_batch_size,
+        "per_device_eval_batch_size": t.per_device_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "learning_rate": t.learning_rate,
+        "lr_scheduler_type": t.lr_scheduler,
+        "warmup_steps": t.warmup_ratio,  # a float < 1 is a ratio of max_steps in transformers 5
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "gradient_checkpointing": t.gradient_checkpointing,  # TRL configs default it to True
+        "optim": t.optimizer,
+        "use_cpu": pick_device() == "cpu",
+        **precision_flags(t.precision),
+        "logging_steps": t.logging_steps,
+        "eval_strategy": "steps" if has_eval else "no",
+        "eval_steps": t.eval_steps,
+        "save_strategy": "steps",
+        "save_steps": t.save_steps,
+        "save_total_limit": t.save_total_limit,
+        "seed": seed,
+        "data_seed": seed,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+
+
+def checkpoint_complete(path: Path) -> bool:
+    """A checkpoint a kill did not interrupt: weights, optimizer and a parsable trainer state
+    (the Trainer writes trainer_state.json after the weights and optimizer)."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    weights = any(path.glob("*.safetensors"))
+    return weights and (path / "optimizer.pt").is_file()
+
+
+def last_checkpoint(work: Path) -> tuple[str | None, int]:
+    """Newest complete checkpoint in the work dir and its step; half-written ones are removed."""
+    found = sorted(
+        (int(p.name.rsplit("-", 1)[1]), p)
+        for p in (work.glob("checkpoint-*") if work.is_dir() else [])
+        if p.name.rsplit("-", 1)[1].isdigit()
+    )
+    for step, path in reversed(found):
+        if checkpoint_complete(path):
+            return str(path), step
+        shutil.rmtree(path, ignore_errors=True)
+    return None, 0
+
+
+def run_trainer(
+    trainer: Any, stage: str, work: Path, out: Path, eval_before: bool = False
+) -> dict[str, Any]:
+    """Train (resuming if a checkpoint exists), evaluate, save the model to `out`, and return
+    the metrics every training stage reports. The log history is saved for loss curves.
+    `eval_before` evaluates the untrained starting point first (for before/after figures)."""
+    from transformers import PrinterCallback
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressCallback logs them
+    trainer.add_callback(ProgressCallback(stage))
+    before = trainer.evaluate() if eval_before and trainer.eval_dataset is not None else {}
+    resume, start = last_checkpoint(work)
+    result = trainer.train(resume_from_checkpoint=resume)
+    final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    trainer.save_model(str(out))
+    history = trainer.state.log_history
+    (out / "log_history.json").write_text(json.dumps(history, indent=2))
+    losses = [h["loss"] for h in history if "loss" in h]
+    metrics: dict[str, Any] = {
+        "steps": trainer.state.global_step,
+        "resumed_from_step": start,
+        "train_loss": round(result.training_loss, 5),
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
+    }
+    if "eval_loss" in final_eval:
+        metrics["eval_loss"] = round(final_eval["eval_loss"], 5)
+        metrics["eval_perplexity"] = round(math.exp(min(final_eval["eval_loss"], 50)), 3)
+    if "eval_loss" in before:
+        metrics["eval_loss_before"] = round(before["eval_loss"], 5)
+    for name, value in final_eval.items():
+        if name.startswith("eval_rewards/") and isinstance(value, int | float):
+            metrics[name.removeprefix("eval_")] = round(value, 5)
+    return metrics
+
+
+# Knobs that change what is logged or how often it is saved, not the trained weights.
+NOT_IN_KEY = {"logging_steps", "save_steps", "save_total_limit"}
+
+
+def training_key_config(section: TrainingConfig, seed: int) -> dict[str, Any]:
+    """The part of a training section that determines the result (for the stage key)."""
+    return section.model_dump(mode="json", exclude=NOT_IN_KEY) | {"seed": seed}
