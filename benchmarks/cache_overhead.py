@@ -33,15 +33,19 @@ sys.path.insert(0, str(ROOT))
 def direct(cfg) -> None:
     """The stage functions of flows/pipeline.py, called plainly."""
     from tasks.data import prepare_data
+    from tasks.dpo import dpo, reference_logps
     from tasks.evaluate import evaluate_model
     from tasks.models import resolve_base
     from tasks.packing import pack
     from tasks.pretrain import pretrain
+    from tasks.sft import sft
 
     data = prepare_data(cfg)
     base = resolve_base(cfg, data)
-    model = pretrain(cfg, pack(cfg, data, base), base)
-    for ref in (base, model):
+    pre = pretrain(cfg, pack(cfg, data, base), base)
+    tuned = sft(cfg, pre, data)
+    aligned = dpo(cfg, pre, tuned, reference_logps(cfg, pre, tuned, data), data)
+    for ref in (base, pre, tuned, aligned):
         evaluate_model(cfg, ref, data)
 
 

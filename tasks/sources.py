@@ -259,5 +259,21 @@ _CONVERTERS = {
             {"role": "assistant", "content": _text(g["completion"], w, "completion")},
         ]
     },
-    "preference": lambda g, w: {k: _text(g[k], w, k) for k in ("prompt", "chosen", "rejected")},
+    "preference": lambda g, w: _preference(g, w),
 }
+
+
+def _preference(get: dict, where: str) -> Row:
+    """Strings, or conversation pairs (message lists, as in UltraFeedback-style datasets):
+    the prompt is the last user turn, the answers the last assistant turns."""
+    out = {}
+    for key, role in (("prompt", "user"), ("chosen", "assistant"), ("rejected", "assistant")):
+        value = get[key]
+        if isinstance(value, list):
+            roles = {r: r for r in ROLES}
+            turns = _turns(value, where, key, "role", "content", roles)
+            value = next((t["content"] for t in reversed(turns) if t["role"] == role), None)
+            if value is None:
+                raise DataError(f"{where}: field {key!r} has no {role} turn")
+        out[key] = _text(value, where, key)
+    return out

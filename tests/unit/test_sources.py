@@ -65,6 +65,19 @@ def test_every_format_maps_to_canonical_rows(
     assert rows == [expected]
 
 
+def test_preference_conversation_pairs(tmp_path: Path) -> None:
+    row = {
+        "prompt": [{"role": "user", "content": "Q?"}],
+        "chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "good"}],
+        "rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "bad"}],
+    }
+    _, rows = load_source(src(_jsonl(tmp_path / "p.jsonl", [row]), "preference"))
+    assert rows == [{"prompt": "Q?", "chosen": "good", "rejected": "bad"}]
+    row["rejected"] = [{"role": "user", "content": "Q?"}]
+    with pytest.raises(DataError, match=r"p\.jsonl:1: field 'rejected' has no assistant turn"):
+        load_source(src(_jsonl(tmp_path / "p.jsonl", [row]), "preference"))
+
+
 def test_column_mapping(tmp_path: Path) -> None:
     path = _jsonl(tmp_path / "d.jsonl", [{"q": "Q?", "a": "A.", "ref": "m.f"}])
     _, rows = load_source(
