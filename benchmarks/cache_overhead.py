@@ -5,6 +5,8 @@
 Prints and writes benchmarks/results/cache_overhead.json:
 - cold: the Prefect flow on an empty store (every stage runs);
 - direct: the same stage functions called in the same order without Prefect (empty store);
+  the RAG stage is disabled on both sides: the flow runs it concurrently with training, which
+  would make the flow look faster than "overhead" means;
 - overhead = cold flow time / direct time (goal <= 1.03); cold/direct alternate per repetition
   so warm-up effects do not favour one side, and the medians are compared;
 - warm: the flow again on the filled store (every stage Cached), in-process and as a whole
@@ -27,6 +29,7 @@ from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 ROOT = Path(__file__).resolve().parents[1]
+NO_RAG = ["rag.enabled=false"]
 sys.path.insert(0, str(ROOT))
 
 
@@ -68,12 +71,12 @@ def main() -> None:
     cold, plain = [], []
     for rep in range(args.reps):
         store = tmp / f"flow{rep}"
-        params = PipelineParams(config=args.config, overrides=[f"store={store}"])
+        params = PipelineParams(config=args.config, overrides=[f"store={store}", *NO_RAG])
         t0 = time.perf_counter()
         summary = pipeline(params)
         cold.append(time.perf_counter() - t0)
         assert len(summary.executed) == len(summary.steps), "cold run reused something"
-        cfg = load_config(args.config, [f"store={tmp / f'direct{rep}'}"])
+        cfg = load_config(args.config, [f"store={tmp / f'direct{rep}'}", *NO_RAG])
         t0 = time.perf_counter()
         direct(cfg)
         plain.append(time.perf_counter() - t0)
@@ -86,6 +89,7 @@ def main() -> None:
 
     env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home")}
     cmd = [sys.executable, "-m", "flows.cli", "run", args.config, "--set", f"store={store}"]
+    cmd += ["--set", NO_RAG[0]]
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)  # migrate the DB
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)

@@ -3,6 +3,7 @@
     fasttrack run                                  # embedded default pipeline_configs/tiny-cpu.yaml
     fasttrack run CONFIG --stages data,pretrain --force pretrain --set pretrain.max_steps=50
     fasttrack plan [CONFIG] [--gpu-mem 24GiB]     # memory/FLOPs per training stage
+    fasttrack ask "question" [--config CONFIG]    # RAG answer with sources
     fasttrack ls [--store artifacts]
 
 Without PREFECT_API_URL the flow runs on Prefect's ephemeral local API; with a server set, the
@@ -107,6 +108,8 @@ def run(
     console.print(steps)
     if summary.table:
         console.print(metrics_table(summary.table))
+    if summary.retrieval:
+        console.print(metrics_table(summary.retrieval, title="retrieval (held-out questions)"))
 
 
 @app.command()
@@ -132,10 +135,38 @@ def plan(
         _fail(exc)
 
 
-def metrics_table(rows: list[dict]) -> Table:
-    table = Table(title="evaluation (held-out text)")
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question")],
+    config: Annotated[str | None, typer.Option(help="Run config YAML (default: tiny-cpu)")] = None,
+    k: Annotated[int | None, typer.Option(help="Chunks to retrieve (default: rag.top_k)")] = None,
+    mode: Annotated[str | None, typer.Option(help="dense | bm25 | hybrid")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override KEY=VALUE")] = None,
+) -> None:
+    """Answer from the run's RAG index with its newest model (DPO > SFT > pretrain)."""
+    from tasks.ask import answer
+    from tasks.config import load_config
+
+    try:
+        cfg = load_config(config, _split(set_))
+        result = answer(cfg, question, k=k, mode=mode)
+    except FastTrackError as exc:
+        _fail(exc)
+    text = escape(result.text) if result.text else "[dim](the model produced no text)[/]"
+    console.print(f"[bold]{result.model_stage}[/] ({result.model_key}): {text}")
+    sources = Table(title=f"sources ({result.mode})")
+    for col in ("#", "title", "section", "score"):
+        sources.add_column(col)
+    for hit in result.hits:
+        sources.add_row(str(hit.rank), hit.title, hit.section or "", f"{hit.score:.3f}")
+    console.print(sources)
+
+
+def metrics_table(rows: list[dict], title: str = "evaluation (held-out data)") -> Table:
+    table = Table(title=title)
     for col in rows[0]:
-        table.add_column(col, justify="left" if col in ("model", "eval_key") else "right")
+        left = col in ("model", "eval_key", "retrieval")
+        table.add_column(col, justify="left" if left else "right")
     for row in rows:
         table.add_row(*(_fmt(v) for v in row.values()))
     return table

@@ -19,11 +19,12 @@ from tasks.evaluate import evaluate_task
 from tasks.models import base_task
 from tasks.packing import pack_task
 from tasks.pretrain import pretrain_task
-from tasks.report import RunSummary, StepRunner, metrics_table, publish_table
+from tasks.rag import rag_task
+from tasks.report import RunSummary, StepRunner, metrics_table, publish_table, retrieval_table
 from tasks.sft import sft_task
 
-STEPS = ("data", "base", "pack", "pretrain", "sft", "dpo_ref", "dpo", "evaluate")
-AVAILABLE = ("data", "pretrain", "sft", "dpo", "evaluate")  # rag lands with its issue
+STEPS = ("data", "base", "pack", "pretrain", "sft", "dpo_ref", "dpo", "rag", "evaluate")
+AVAILABLE = ("data", "pretrain", "sft", "dpo", "rag", "evaluate")
 
 
 class PipelineParams(BaseModel):
@@ -53,20 +54,22 @@ def check_params(params: PipelineParams) -> None:
 
 
 def enabled_stages(cfg: RunConfig, params: PipelineParams) -> set[str]:
-    off = {name for name in ("sft", "dpo") if not getattr(cfg, name).enabled}
+    off = {name for name in ("sft", "dpo", "rag") if not getattr(cfg, name).enabled}
     return set(params.stages) - off
 
 
 @flow(name="fasttrack-pipeline")
 def pipeline(params: PipelineParams | None = None) -> RunSummary:
-    """data -> base -> pack -> pretrain -> sft -> dpo_ref -> dpo -> evaluate(every model)."""
+    """data -> base -> pack -> pretrain -> sft -> dpo_ref -> dpo -> evaluate(every model);
+    rag (data -> index) runs concurrently with the training chain."""
     params = params or PipelineParams()
     check_params(params)
     cfg = load_config(params.config, params.overrides)
     run, wanted, models = StepRunner(params.force), enabled_stages(cfg, params), {}
 
     data = run(data_task, cfg)
-    if wanted - {"data"}:
+    index = run.submit(rag_task, cfg, data) if "rag" in wanted else None
+    if wanted - {"data", "rag"}:
         models["base"] = run(base_task, cfg, data)
     if "pretrain" in wanted:
         packed = run(pack_task, cfg, data, models["base"])
@@ -77,6 +80,7 @@ def pipeline(params: PipelineParams | None = None) -> RunSummary:
     if "dpo" in wanted:
         ref = run(dpo_ref_task, cfg, start, models["sft"], data)
         models["dpo"] = run(dpo_task, cfg, start, models["sft"], ref, data)
+    rag = run.collect(index) if index else None
     table = []
     if "evaluate" in wanted:
         evals = {
@@ -85,7 +89,10 @@ def pipeline(params: PipelineParams | None = None) -> RunSummary:
         }
         table = metrics_table(evals)
         publish_table(table, cfg.name)
-    return RunSummary(name=cfg.name, store=cfg.store, steps=run.steps, table=table)
+    retrieval = retrieval_table(rag) if rag else []
+    return RunSummary(
+        name=cfg.name, store=cfg.store, steps=run.steps, table=table, retrieval=retrieval
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from tasks.store import ArtifactRef
 
 TABLE_KEY = "fasttrack-metrics"
 TABLE_COLUMNS = ("perplexity", "bits_per_byte", "sft_loss", "pref_accuracy", "pref_margin")
+RETRIEVAL_COLUMNS = ("recall@1", "recall@5", "recall@10", "mrr")
 
 
 class StepRecord(BaseModel):
@@ -30,6 +31,7 @@ class RunSummary(BaseModel):
     store: str
     steps: list[StepRecord]
     table: list[dict[str, Any]]
+    retrieval: list[dict[str, Any]] = []
 
     @property
     def executed(self) -> list[str]:
@@ -44,20 +46,31 @@ class StepRunner:
         self.steps: list[StepRecord] = []
 
     def __call__(self, task: Any, *args: Any, label: str | None = None) -> ArtifactRef:
-        name = task.name
-        forced = name in self.force or "all" in self.force
         started = time.perf_counter()
-        state = task(*args, force=forced, return_state=True)
+        state = task(*args, force=self._forced(task), return_state=True)
+        return self._record(label or task.name, state, time.perf_counter() - started)
+
+    def submit(self, task: Any, *args: Any) -> Any:
+        """Start a step concurrently (Prefect's task runner); `collect` it later."""
+        started, finished = time.perf_counter(), []
+        future = task.submit(*args, force=self._forced(task))
+        future.add_done_callback(lambda _: finished.append(time.perf_counter()))
+        return task.name, future, started, finished
+
+    def collect(self, pending: Any) -> ArtifactRef:
+        name, future, started, finished = pending
+        future.wait()
+        end = finished[0] if finished else time.perf_counter()
+        return self._record(name, future.state, end - started)
+
+    def _forced(self, task: Any) -> bool:
+        return task.name in self.force or "all" in self.force
+
+    def _record(self, step: str, state: Any, seconds: float) -> ArtifactRef:
         ref: ArtifactRef = state.result()  # re-raises the task's error if it failed
-        self.steps.append(
-            StepRecord(
-                step=label or name,
-                key=ref.key,
-                status="cached" if state.name == "Cached" else "executed",
-                seconds=round(time.perf_counter() - started, 3),
-                metrics=ref.metrics,
-            )
-        )
+        status = "cached" if state.name == "Cached" else "executed"
+        self.steps.append(StepRecord(step=step, key=ref.key, status=status,
+                                     seconds=round(seconds, 3), metrics=ref.metrics))  # fmt: skip
         return ref
 
 
@@ -69,6 +82,16 @@ def metrics_table(evals: dict[str, ArtifactRef]) -> list[dict[str, Any]]:
         row.update({col: ref.metrics.get(col) for col in TABLE_COLUMNS})
         row["eval_key"] = ref.short
         rows.append(row)
+    return rows
+
+
+def retrieval_table(rag: ArtifactRef) -> list[dict[str, Any]]:
+    """One row per retrieval mode (dense, bm25, hybrid) of the RAG artifact's evaluation."""
+    rows = []
+    for mode in ("dense", "bm25", "hybrid"):
+        values = {c: rag.metrics.get(f"{mode}.{c}") for c in RETRIEVAL_COLUMNS}
+        if any(v is not None for v in values.values()):
+            rows.append({"retrieval": mode, **values})
     return rows
 
 

@@ -13,7 +13,7 @@ from flows.pipeline import PipelineParams, pipeline
 from tasks.store import ArtifactStore
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
-TRAINING_STEPS = ["data", "base", "pack", "pretrain", "sft", "dpo_ref", "dpo"]
+TRAINING_STEPS = ["data", "base", "pack", "pretrain", "sft", "dpo_ref", "dpo", "rag"]
 EVAL_STEPS = ["evaluate:base", "evaluate:pretrain", "evaluate:sft", "evaluate:dpo"]
 
 
@@ -39,7 +39,7 @@ def test_pipeline_trains_caches_and_reruns_only_what_changed(tiny_cfg_path: Path
     params = PipelineParams(config=str(tiny_cfg_path))
     first = pipeline(params)
     assert [s.step for s in first.steps] == [*TRAINING_STEPS, *EVAL_STEPS]
-    assert len(first.executed) == 11
+    assert len(first.executed) == 12
     pre = next(s for s in first.steps if s.step == "pretrain").metrics
     assert pre["last_logged_loss"] < pre["first_logged_loss"] - 0.3  # it learned
     base_row, pre_row = first.table[:2]
@@ -68,7 +68,7 @@ def test_pipeline_trains_caches_and_reruns_only_what_changed(tiny_cfg_path: Path
     state = pipeline(params, return_state=True)
     second = state.result()
     assert second.executed == [] and second.table == first.table
-    assert _task_run_states(state.state_details.flow_run_id, 11) == ["Cached"] * 11
+    assert _task_run_states(state.state_details.flow_run_id, 12) == ["Cached"] * 12
 
     # One pretrain field changed: pretrain and what depends on it re-run; data, base, pack and
     # the base model's evaluation do not.

@@ -1,0 +1,182 @@
+"""RAG speed on this machine: embedding throughput, index build time, query latency, HNSW recall.
+
+    /work/venv/bin/python benchmarks/rag.py [--chunks 500] [--sizes 10000 100000] [--queries 200]
+
+Prints and writes benchmarks/results/rag.json:
+- embed: chunks/s of the real embedder (rag.embedder default, device auto) on ~500 chunks of the
+  demo documents (stdlib_docs + pydoc_topics), chunked with the default ChunkConfig, after a
+  warm-up batch;
+- per size (synthetic unit vectors, dim 384): Flat and HNSW build time, single-query latency
+  p50/p99 over `--queries` queries (one query per search call, 1 OpenMP thread, as a server
+  answers one request), and HNSW recall@10 against exact Flat results for several efSearch;
+  the smallest efSearch meeting recall@10 >= 0.98 and p99 <= 10 ms is reported as `chosen`.
+Synthetic vectors are a Gaussian mixture (1 center per 100 vectors, noise 0.6 of the center
+norm), normalised; queries are fresh draws from the same mixture, not database vectors. Uniform
+random unit vectors (no structure at all) are the worst case for HNSW: `--uniform` adds them
+(about 3.5 min on 2 cores with `--uniform`, most of it building HNSW at 100k). The stored
+results/rag.json comes from `/work/venv/bin/python benchmarks/rag.py --uniform`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DIM, K, EF_SEARCH = 384, 10, (16, 32, 64, 128, 256, 512, 1024, 2048)
+GOAL_RECALL, GOAL_P99_MS = 0.98, 10.0
+
+
+def embed_throughput(n_chunks: int) -> dict:
+    from tasks.config import ChunkConfig, RagConfig
+    from tasks.demo import DEMO_DIR
+    from tasks.retrieval import Document, Embedder, build_faiss, chunk_document
+
+    rag, chunk = RagConfig(), ChunkConfig()
+    t0 = time.perf_counter()
+    emb = Embedder.load(rag.embedder)
+    load_s = time.perf_counter() - t0
+    docs = []
+    for name in ("stdlib_docs", "pydoc_topics"):
+        with open(DEMO_DIR / f"{name}.jsonl", encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f]
+        docs += [Document(f"{name}/{i}", r.get("title", ""), r["text"]) for i, r in enumerate(rows)]
+    chunks = []
+    t0 = time.perf_counter()
+    for d in docs:
+        chunks += chunk_document(d, emb.tokenizer, chunk.size_tokens, chunk.overlap_tokens)
+        if len(chunks) >= n_chunks:
+            break
+    chunk_s = time.perf_counter() - t0
+    passages = [c.passage for c in chunks[:n_chunks]]
+    tokens = [len(emb.tokenizer(p, add_special_tokens=True)["input_ids"]) for p in passages]
+    emb.encode(passages[: rag.batch_size], rag.batch_size)  # warm-up
+    t0 = time.perf_counter()
+    vectors = emb.encode(passages, rag.batch_size)
+    embed_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    build_faiss(vectors, rag)
+    return {
+        "embedder": rag.embedder,
+        "device": emb.device,
+        "model_load_s": round(load_s, 2),
+        "chunks": len(passages),
+        "mean_tokens_per_chunk": round(float(np.mean(tokens)), 1),
+        "chunking_s": round(chunk_s, 3),
+        "embed_s": round(embed_s, 2),
+        "chunks_per_s": round(len(passages) / embed_s, 1),
+        "tokens_per_s": round(sum(tokens) / embed_s),
+        "flat_index_build_s": round(time.perf_counter() - t0, 4),
+        "batch_size": rag.batch_size,
+    }
+
+
+def synthetic(n: int, n_queries: int, uniform: bool, seed: int = 0) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    if uniform:
+        x = rng.standard_normal((n + n_queries, DIM), dtype=np.float32)
+    else:
+        centers = rng.standard_normal((max(1, n // 100), DIM), dtype=np.float32)
+        pick = rng.integers(0, len(centers), n + n_queries)
+        noise = rng.standard_normal((n + n_queries, DIM), dtype=np.float32)
+        x = centers[pick] + 0.6 * noise
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x[:n]), np.ascontiguousarray(x[n:])
+
+
+def latency_ms(index, queries: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Ids of the top K per query and p50/p99 of one-query searches, in milliseconds."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    ids, times = [], []
+    try:
+        for q in queries:
+            t0 = time.perf_counter()
+            _, i = index.search(q[None, :], K)
+            times.append((time.perf_counter() - t0) * 1000)
+            ids.append(i[0])
+    finally:
+        faiss.omp_set_num_threads(threads)
+    t = np.array(times)
+    return np.array(ids), {"p50_ms": round(float(np.percentile(t, 50)), 3),
+                           "p99_ms": round(float(np.percentile(t, 99)), 3)}  # fmt: skip
+
+
+def index_bench(n: int, n_queries: int, uniform: bool) -> dict:
+    import faiss
+
+    from tasks.config import RagConfig
+
+    rag = RagConfig()
+    xb, xq = synthetic(n, n_queries, uniform)
+    out: dict = {"n": n, "dim": DIM, "data": "uniform" if uniform else "clustered"}
+    t0 = time.perf_counter()
+    flat = faiss.IndexFlatIP(DIM)
+    flat.add(xb)
+    out["flat"] = {"build_s": round(time.perf_counter() - t0, 3)}
+    truth, lat = latency_ms(flat, xq)
+    out["flat"] |= lat
+    t0 = time.perf_counter()
+    hnsw = faiss.IndexHNSWFlat(DIM, rag.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efConstruction = rag.hnsw_ef_construction
+    hnsw.add(xb)
+    out["hnsw"] = {"m": rag.hnsw_m, "ef_construction": rag.hnsw_ef_construction,
+                   "build_s": round(time.perf_counter() - t0, 2), "ef_search": {}}  # fmt: skip
+    for ef in EF_SEARCH:
+        hnsw.hnsw.efSearch = ef
+        ids, lat = latency_ms(hnsw, xq)
+        recall = np.mean([len(set(a) & set(b)) / K for a, b in zip(ids, truth, strict=True)])
+        out["hnsw"]["ef_search"][str(ef)] = {"recall@10": round(float(recall), 4), **lat}
+    ok = [int(ef) for ef, r in out["hnsw"]["ef_search"].items()
+          if r["recall@10"] >= GOAL_RECALL and r["p99_ms"] <= GOAL_P99_MS]  # fmt: skip
+    out["hnsw"]["chosen_ef_search"] = min(ok) if ok else None
+    return out
+
+
+def main() -> None:
+    import faiss
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--chunks", type=int, default=500)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--uniform", action="store_true", help="also uniform random vectors")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/rag.json")
+    args = ap.parse_args()
+    result: dict = {
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "faiss": faiss.__version__,
+        },  # fmt: skip
+        "goal": {"hnsw_recall@10": GOAL_RECALL, "p99_ms_at_100k": GOAL_P99_MS},
+        "embed": embed_throughput(args.chunks),
+    }
+    print(json.dumps(result["embed"], indent=2), flush=True)
+    result["index"] = []
+    for uniform in (False, True) if args.uniform else (False,):
+        for n in args.sizes:
+            res = index_bench(n, args.queries, uniform)
+            print(json.dumps(res, indent=2), flush=True)
+            result["index"].append(res)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

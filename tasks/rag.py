@@ -1,0 +1,324 @@
+"""RAG stage: documents -> token chunks -> embeddings -> FAISS + BM25 indexes -> retrieval metrics.
+
+Output artifact: `index.faiss` (stock FAISS, ids = rows of `chunks.parquet`), `chunks.parquet`
+(chunk_id, doc_id, title, section, start, end, text, doc_hash), `embeddings.npy`, `bm25/` (bm25s)
+and `metrics.json`. Embedding is the expensive part, so it is incremental: artifacts with the same
+chunk config and embedder fingerprint form a *family*, and a new corpus re-embeds only documents
+whose sha256 is not in the newest artifact of its family. The build also measures recall@k / MRR
+of dense, BM25 and hybrid retrieval on held-out questions whose source document is known.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.config import RunConfig
+from tasks.data import SPLITS, read_split
+from tasks.errors import DataError, ModelError
+from tasks.retrieval import (
+    BM25_DIR,
+    CHUNKS_FILE,
+    EMBEDDINGS_FILE,
+    INDEX_FILE,
+    MODES,
+    Chunk,
+    Document,
+    Embedder,
+    Retriever,
+    build_bm25,
+    build_faiss,
+    chunk_document,
+    resolve_embedder,
+)
+from tasks.stage import BuildResult, StageSpec, get_logger, run_stage, stage_task
+from tasks.store import ArtifactRef, ArtifactStore, canonical_json, sha256_file
+
+VERSION = "1"
+DOC_SUFFIXES = (".txt", ".md")
+EVAL_SPLITS = ("validation", "test")
+# Query-time knobs: they change no file of the artifact, so they are not part of its key.
+_QUERY_ONLY = {"enabled", "batch_size", "mode", "top_k"}
+
+
+def document_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"rag.documents: {folder}: folder not found")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in DOC_SUFFIXES)
+
+
+def documents_hash(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in document_files(folder):
+        h.update(f"{f.relative_to(folder).as_posix()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def family_of(cfg: RunConfig, embedder_hash: str) -> str:
+    """Artifacts whose chunks and vectors are interchangeable: same chunking, same embedder."""
+    payload = {"version": VERSION, "chunk": cfg.rag.chunk.model_dump(), "embedder": embedder_hash}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def rag_spec(cfg: RunConfig, data: ArtifactRef | None = None) -> StageSpec:
+    rag = cfg.rag
+    _, embedder_hash = resolve_embedder(rag.embedder)
+    inputs = {"embedder": embedder_hash}
+    if rag.documents:
+        inputs["documents"] = documents_hash(Path(rag.documents).expanduser())
+    elif data is None:
+        raise DataError(
+            "rag: nothing to index: run the data stage (its corpus) or set rag.documents"
+        )
+    config = rag.model_dump(mode="json", exclude=_QUERY_ONLY)
+    upstream = {"data": data} if data is not None else {}
+    return StageSpec("rag", VERSION, config, upstream=upstream, inputs=inputs)
+
+
+def load_documents(
+    cfg: RunConfig, store: ArtifactStore, data: ArtifactRef | None
+) -> tuple[list[Document], list[str]]:
+    """(documents, skipped files): the `rag.documents` folder, else every corpus split."""
+    rag, docs, skipped = cfg.rag, [], []
+    if rag.documents:
+        folder = Path(rag.documents).expanduser()
+        where = str(folder)
+        for f in document_files(folder):
+            rel = f.relative_to(folder).as_posix()
+            try:
+                text = f.read_bytes().decode("utf-8")  # bytes as-is: offsets match the file
+            except UnicodeDecodeError as exc:
+                msg = f"rag.documents: {f}: not valid UTF-8 (byte {exc.start}: {exc.reason})"
+                if rag.on_decode_error == "error":
+                    raise DataError(
+                        f"{msg}; re-encode it or set rag.on_decode_error: skip"
+                    ) from None
+                get_logger().warning("%s; skipped", msg)
+                skipped.append(rel)
+                continue
+            docs.append(Document(rel, f.stem, text))
+    else:
+        assert data is not None
+        where = f"the corpus of data artifact {data.short}"
+        for split in SPLITS:
+            try:
+                rows = read_split(store, data, "corpus", split)
+            except DataError:
+                raise DataError(
+                    "rag: the corpus is empty: the data artifact has no corpus (add a source "
+                    "with format: text, or set rag.documents)"
+                ) from None
+            docs += [
+                Document(str(r.get("id") or f"{split}/{i}"), r.get("title") or "", r["text"])
+                for i, r in enumerate(rows)
+            ]
+    if not any(d.text.strip() for d in docs):
+        raise DataError(f"rag: the corpus is empty: no document with text in {where}")
+    return docs, skipped
+
+
+def previous_in_family(
+    store: ArtifactStore, family: str, key: str
+) -> tuple[ArtifactRef, dict] | None:
+    """The newest complete rag artifact of `family` other than `key` (the reuse source)."""
+    found = [m for m in store.manifests() if m["stage"] == "rag" and m.get("family") == family]
+    newest = sorted(found, key=lambda m: (m.get("created_at", ""), m.get("built_at", 0.0)))
+    for m in reversed(newest):
+        if m["key"] != key and (ref := store.lookup("rag", m["key"])) is not None:
+            return ref, m
+    return None
+
+
+def embed_chunks(
+    per_doc: list[list[Chunk]],
+    embedder: Embedder,
+    store: ArtifactStore,
+    previous: tuple[ArtifactRef, dict] | None,
+    batch_size: int,
+) -> tuple[np.ndarray, int, int]:
+    """(vectors, embedded, reused): vectors of unchanged documents (same hash and same chunk
+    spans) are copied from `previous`; only the rest goes through the model."""
+    n = sum(map(len, per_doc))
+    vectors = np.zeros((n, embedder.dim), dtype=np.float32)
+    old: dict[str, tuple[list[tuple[int, int]], list[int]]] = {}
+    if previous is not None:
+        ref, manifest = previous
+        path = store.local_path(ref)
+        old_vecs = np.load(path / EMBEDDINGS_FILE, mmap_mode="r")
+        dims = {manifest.get("dimension"), old_vecs.shape[1]}
+        if dims != {embedder.dim}:
+            raise ModelError(
+                f"rag: cannot reuse embeddings of rag artifact {ref.short}: dimension "
+                f"{'/'.join(map(str, sorted(dims, key=str)))} != {embedder.dim} of embedder "
+                f"{embedder.name!r}; that artifact is inconsistent: remove {ref.uri}"
+            )
+        import pyarrow.parquet as pq
+
+        cols = ["doc_id", "doc_hash", "start", "end"]
+        t = pq.read_table(path / CHUNKS_FILE, columns=cols).to_pydict()
+        runs: dict[tuple[str, str], tuple[list[tuple[int, int]], list[int]]] = {}
+        for row, (doc_id, h, s, e) in enumerate(zip(*(t[c] for c in cols), strict=True)):
+            spans, rows = runs.setdefault((doc_id, h), ([], []))
+            spans.append((s, e))
+            rows.append(row)
+        for (_, h), run in runs.items():
+            old.setdefault(h, run)
+    todo: list[int] = []
+    pos = 0
+    for chunks in per_doc:
+        idx = list(range(pos, pos + len(chunks)))
+        pos += len(chunks)
+        if not chunks:
+            continue
+        prev = old.get(chunks[0].doc_hash)
+        if prev is not None and prev[0] == [(c.start, c.end) for c in chunks]:
+            vectors[idx] = old_vecs[prev[1]]
+        else:
+            todo.extend(idx)
+    if todo:
+        flat = [c for chunks in per_doc for c in chunks]
+        vectors[todo] = embedder.encode([flat[i].passage for i in todo], batch_size)
+    return vectors, len(todo), n - len(todo)
+
+
+def eval_questions(
+    store: ArtifactStore, data: ArtifactRef | None, titles: set[str]
+) -> list[tuple[str, str]]:
+    """(question, source title) of held-out SFT rows whose source document is indexed."""
+    if data is None:
+        return []
+    out = []
+    for split in EVAL_SPLITS:
+        try:
+            rows = read_split(store, data, "sft", split)
+        except DataError:
+            return []  # no SFT data: nothing to evaluate against
+        for r in rows:
+            user = next((m["content"] for m in r["messages"] if m["role"] == "user"), None)
+            if user and r.get("source") in titles:
+                out.append((user, r["source"]))
+    return out
+
+
+def evaluate_retrieval(
+    retriever: Retriever, questions: list[tuple[str, str]], ks: list[int]
+) -> tuple[dict[str, float], int]:
+    """(`<mode>.recall@<k>` and `<mode>.mrr` on document level, ranking depth). A document is
+    ranked by its best chunk; a hit is a document whose title is the question's source."""
+    ks = sorted(set(ks))
+    depth = min(len(retriever), max(100, 10 * max(ks)))
+    if not questions:
+        return {}, depth
+    ranked = retriever.rank([q for q, _ in questions], depth)
+    doc_of, title_of = retriever.chunks["doc_id"], retriever.chunks["title"]
+    metrics: dict[str, float] = {}
+    for mode in MODES:
+        ranks: list[int | None] = []
+        for (_, source), hits in zip(questions, ranked[mode], strict=True):
+            seen: set[str] = set()
+            rank = None
+            for chunk_id, _ in hits:
+                if doc_of[chunk_id] in seen:
+                    continue
+                seen.add(doc_of[chunk_id])
+                if title_of[chunk_id] == source:
+                    rank = len(seen)
+                    break
+            ranks.append(rank)
+        for k in ks:
+            metrics[f"{mode}.recall@{k}"] = round(
+                float(np.mean([bool(r and r <= k) for r in ranks])), 4
+            )
+        metrics[f"{mode}.mrr"] = round(float(np.mean([1 / r if r else 0.0 for r in ranks])), 4)
+    return metrics, depth
+
+
+def write_chunks(path: Path, chunks: list[Chunk]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"chunk_id": i, **c.__dict__} for i, c in enumerate(chunks)]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def build_rag(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
+    import faiss
+
+    rag, store, log = cfg.rag, ArtifactStore(cfg.store), get_logger()
+    data = spec.upstream.get("data")
+    docs, skipped = load_documents(cfg, store, data)
+    embedder = Embedder.load(rag.embedder)
+    limit = embedder.model.max_seq_length
+    if rag.chunk.size_tokens + 16 > limit:
+        log.warning(
+            "rag.chunk.size_tokens (%d) + title is close to or above the embedder's window "
+            "(%d tokens): the model truncates longer passages", rag.chunk.size_tokens, limit
+        )  # fmt: skip
+    size, overlap = rag.chunk.size_tokens, rag.chunk.overlap_tokens
+    per_doc = [
+        chunk_document(d, embedder.tokenizer, size, overlap, rag.chunk.markdown_aware) for d in docs
+    ]
+    chunks = [c for group in per_doc for c in group]
+    if not chunks:
+        raise DataError(f"rag: the corpus is empty: {len(docs)} documents, none with text to index")
+    family = family_of(cfg, embedder.fingerprint)
+    previous = previous_in_family(store, family, spec.key)
+    vectors, embedded, reused = embed_chunks(per_doc, embedder, store, previous, rag.batch_size)
+    log.info("rag: %d chunks, %d embedded, %d reused", len(chunks), embedded, reused)
+
+    index, info = build_faiss(vectors, rag)
+    faiss.write_index(index, str(out / INDEX_FILE))
+    np.save(out / EMBEDDINGS_FILE, vectors)
+    write_chunks(out / CHUNKS_FILE, chunks)
+    build_bm25([c.passage for c in chunks]).save(str(out / BM25_DIR), show_progress=False)
+
+    retriever = Retriever(rag, out, embedder)  # reloads what was written: the query path
+    questions = eval_questions(store, data, {d.title for d in docs})
+    scores, depth = evaluate_retrieval(retriever, questions, rag.eval_ks)
+    metrics: dict[str, Any] = {
+        "documents": len(docs),
+        "chunks": len(chunks),
+        "embedded_chunks": embedded,
+        "reused_chunks": reused,
+        "skipped_documents": len(skipped),
+        "eval_questions": len(questions),
+        **scores,
+    }
+    protocol = {
+        "questions": f"user turn of sft {'+'.join(EVAL_SPLITS)} rows whose source is indexed",
+        "hit": "a retrieved chunk whose document title == the row's source",
+        "ranking": "documents ranked by their best chunk",
+        "depth": depth,
+        "rrf_k": rag.rrf_k,
+    }
+    (out / "metrics.json").write_text(json.dumps({**metrics, "protocol": protocol}, indent=2))
+    extra = {
+        "family": family,
+        "built_at": time.time(),  # created_at has 1 s resolution; "newest" must be exact
+        "embedder": rag.embedder,
+        "embedder_path": str(embedder.path),
+        "embedder_hash": embedder.fingerprint,
+        "dimension": embedder.dim,
+        "index_type": info["type"],
+        "index": info,
+        "reused_from": previous[0].key if previous else None,
+        "skipped": skipped,
+        "protocol": protocol,
+    }
+    return BuildResult(metrics=metrics, device={"device": embedder.device}, extra=extra)
+
+
+def build_index(
+    cfg: RunConfig, data: ArtifactRef | None = None, force: bool = False
+) -> ArtifactRef:
+    """RAG stage: `fasttrack run --stages rag`."""
+    spec = rag_spec(cfg, data)
+    return run_stage(ArtifactStore(cfg.store), spec, lambda out: build_rag(cfg, spec, out), force)
+
+
+rag_task = stage_task(rag_spec, name="rag")(build_index)

@@ -1,0 +1,51 @@
+"""RAG in the flow (concurrently with training) and `fasttrack ask` end to end."""
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.pipeline import PipelineParams, pipeline
+from tasks.store import ArtifactStore
+from tests.conftest import tiny_config_dict, write_config
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
+
+
+def test_rag_in_the_flow_then_ask_answers_with_sources(tmp_path: Path) -> None:
+    sources = [
+        {"path": "demo:stdlib_docs", "format": "text", "max_rows": 60},
+        {"path": "demo:stdlib_qa", "format": "alpaca", "max_rows": 60},
+    ]
+    d = tiny_config_dict(tmp_path / "store", data={"sources": sources})
+    d["generation"] = {"max_new_tokens": 12}
+    path = write_config(tmp_path / "c.yaml", d)
+    stages = ["data", "pretrain", "sft", "rag", "evaluate"]
+    summary = pipeline(PipelineParams(config=str(path), stages=stages))
+    steps = {s.step: s for s in summary.steps}
+    assert steps["rag"].status == "executed" and steps["rag"].metrics["chunks"] > 0
+    assert {r["retrieval"] for r in summary.retrieval} == {"dense", "bm25", "hybrid"}
+    again = pipeline(PipelineParams(config=str(path), stages=stages))
+    assert again.executed == []  # the index too: no embedding on an unchanged corpus
+
+    # A function whose docstring survived dedup and is in the index (near-duplicate siblings such
+    # as base64.b32decode/b64decode are rightly collapsed to one document).
+    chunks = Path(ArtifactStore(str(tmp_path / "store")).uri("rag", steps["rag"].key))
+    titles = sorted(set(pq.read_table(chunks / "chunks.parquet").column("title").to_pylist()))
+    title = next(t for t in titles if t.startswith("base64."))
+    result = CliRunner().invoke(
+        app, ["ask", f"What does `{title}` do?", "--config", str(path), "--k", "3"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "sft" in result.stdout  # the newest model of this run answered
+    assert title in result.stdout  # and the source that holds the answer is cited
+    assert "sources (hybrid)" in result.stdout
+
+
+def test_ask_without_an_index_says_what_to_run(tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "store"))
+    result = CliRunner().invoke(app, ["ask", "anything", "--config", str(path)])
+    assert result.exit_code == 2
+    assert "run `fasttrack run` first" in result.stderr or "rag stage" in result.stderr
