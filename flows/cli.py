@@ -3,7 +3,7 @@
     fasttrack run                                  # embedded default pipeline_configs/tiny-cpu.yaml
     fasttrack run CONFIG --stages data,pretrain --force pretrain --set pretrain.max_steps=50
     fasttrack plan [CONFIG] [--gpu-mem 24GiB]     # memory/FLOPs per training stage
-    fasttrack ask "question" [--config CONFIG]    # RAG answer with sources
+    fasttrack ask [CONFIG] "question"             # RAG answer with sources
     fasttrack ls [--store artifacts]
 
 Without PREFECT_API_URL the flow runs on Prefect's ephemeral local API; with a server set, the
@@ -137,8 +137,9 @@ def plan(
 
 @app.command()
 def ask(
-    question: Annotated[str, typer.Argument(help="The question")],
-    config: Annotated[str | None, typer.Option(help="Run config YAML (default: tiny-cpu)")] = None,
+    args: Annotated[
+        list[str], typer.Argument(help='[CONFIG] "question"', metavar="[CONFIG] QUESTION")
+    ],
     k: Annotated[int | None, typer.Option(help="Chunks to retrieve (default: rag.top_k)")] = None,
     mode: Annotated[str | None, typer.Option(help="dense | bm25 | hybrid")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override KEY=VALUE")] = None,
@@ -147,6 +148,9 @@ def ask(
     from tasks.ask import answer
     from tasks.config import load_config
 
+    if len(args) > 2:
+        _fail(FastTrackError('ask: expected [CONFIG] "question" (quote the question)'))
+    config, question = (None, args[0]) if len(args) == 1 else args
     try:
         cfg = load_config(config, _split(set_))
         result = answer(cfg, question, k=k, mode=mode)

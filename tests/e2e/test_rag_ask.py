@@ -35,9 +35,7 @@ def test_rag_in_the_flow_then_ask_answers_with_sources(tmp_path: Path) -> None:
     chunks = Path(ArtifactStore(str(tmp_path / "store")).uri("rag", steps["rag"].key))
     titles = sorted(set(pq.read_table(chunks / "chunks.parquet").column("title").to_pylist()))
     title = next(t for t in titles if t.startswith("base64."))
-    result = CliRunner().invoke(
-        app, ["ask", f"What does `{title}` do?", "--config", str(path), "--k", "3"]
-    )
+    result = CliRunner().invoke(app, ["ask", str(path), f"What does `{title}` do?", "--k", "3"])
     assert result.exit_code == 0, result.output
     assert "sft" in result.stdout  # the newest model of this run answered
     assert title in result.stdout  # and the source that holds the answer is cited
@@ -46,6 +44,6 @@ def test_rag_in_the_flow_then_ask_answers_with_sources(tmp_path: Path) -> None:
 
 def test_ask_without_an_index_says_what_to_run(tmp_path: Path) -> None:
     path = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "store"))
-    result = CliRunner().invoke(app, ["ask", "anything", "--config", str(path)])
+    result = CliRunner().invoke(app, ["ask", str(path), "anything"])
     assert result.exit_code == 2
     assert "run `fasttrack run` first" in result.stderr or "rag stage" in result.stderr
