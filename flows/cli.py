@@ -4,6 +4,7 @@
     fasttrack run CONFIG --stages data,pretrain --force pretrain --set pretrain.max_steps=50
     fasttrack plan [CONFIG] [--gpu-mem 24GiB]     # memory/FLOPs per training stage
     fasttrack ask [CONFIG] "question"             # RAG answer with sources
+    fasttrack report [RUN|latest] [--store artifacts]   # re-print a past run's report
     fasttrack ls [--store artifacts]
 
 Without PREFECT_API_URL the flow runs on Prefect's ephemeral local API; with a server set, the
@@ -180,6 +181,26 @@ def _fmt(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.1f}"
     return "-" if value is None else str(value)
+
+
+@app.command()
+def report(
+    run: Annotated[str, typer.Argument(help="Run (config) name, or latest")] = "latest",
+    store: Annotated[str, typer.Option(help="Store path or fsspec URL")] = "artifacts",
+) -> None:
+    """Re-print the report of a past run from the store."""
+    from rich.markdown import Markdown
+
+    from tasks.run_report import find_report
+    from tasks.store import ArtifactStore
+
+    try:
+        manifest, path = find_report(ArtifactStore(store), run)
+    except FastTrackError as exc:
+        _fail(exc)
+    key, when = manifest["key"][:12], manifest["created_at"]
+    console.print(f"[dim]report {key} of {manifest.get('run')}, {when}: {path}[/]")
+    console.print(Markdown(path.read_text()))
 
 
 @app.command("ls")

@@ -16,14 +16,16 @@ from tasks.data import data_task
 from tasks.dpo import dpo_ref_task, dpo_task
 from tasks.errors import ConfigError
 from tasks.evaluate import evaluate_task
+from tasks.gates import enforce_gates
 from tasks.models import base_task
 from tasks.packing import pack_task
 from tasks.pretrain import pretrain_task
 from tasks.rag import rag_task
 from tasks.report import RunSummary, StepRunner, metrics_table, publish_table, retrieval_table
+from tasks.run_report import publish_report, report_task
 from tasks.sft import sft_task
 
-STEPS = ("data", "base", "pack", "pretrain", "sft", "dpo_ref", "dpo", "rag", "evaluate")
+STEPS = ("data", "base", "pack", "pretrain", "sft", "dpo_ref", "dpo", "rag", "evaluate", "report")
 AVAILABLE = ("data", "pretrain", "sft", "dpo", "rag", "evaluate")
 
 
@@ -89,6 +91,8 @@ def pipeline(params: PipelineParams | None = None) -> RunSummary:
         }
         table = metrics_table(evals)
         publish_table(table, cfg.name)
+        publish_report(cfg, run(report_task, cfg, evals, models, rag))
+        enforce_gates(cfg, table, models)  # a failed gate fails the run, naming it
     retrieval = retrieval_table(rag) if rag else []
     return RunSummary(
         name=cfg.name, store=cfg.store, steps=run.steps, table=table, retrieval=retrieval

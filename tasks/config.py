@@ -6,6 +6,7 @@ are errors, and every error names the file, the line when known, and the field p
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -255,9 +256,33 @@ class AnswersConfig(Section):
     max_length: int = Field(256, ge=8)
 
 
+GATE_RE = re.compile(
+    r"^\s*(?P<model>[a-z][a-z0-9_+]*)\.(?P<metric>[A-Za-z0-9_@.]+)\s*(?P<op>>=|<=|==|>|<)\s*"
+    r"(?P<rhs>[a-z][a-z0-9_+]*\.[A-Za-z0-9_@.]+|-?\d+(\.\d+)?([eE]-?\d+)?)\s*$"
+)
+
+
 class EvaluateConfig(Section):
     perplexity: PerplexityConfig = PerplexityConfig()
     answers: AnswersConfig = AnswersConfig()
+    generation_rows: int = Field(
+        16, ge=0, description="Held-out instructions answered per model (ROUGE/BLEU); 0 = off."
+    )
+    gates: list[str] = Field(
+        [],
+        description="Promotion gates, e.g. `sft.rougeL >= base.rougeL`, `dpo.pref_accuracy >= "
+        "0.6`, `pretrain.perplexity < base.perplexity`; a failed gate fails the run.",
+    )
+
+    @model_validator(mode="after")
+    def _gates_parse(self) -> EvaluateConfig:
+        for i, gate in enumerate(self.gates):
+            if not GATE_RE.match(gate):
+                raise ValueError(
+                    f"gates.{i}: {gate!r} is not `<model>.<metric> <op> <number|model.metric>` "
+                    "(op: >=, >, <=, <, ==)"
+                )
+        return self
 
 
 class RunConfig(Section):

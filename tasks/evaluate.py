@@ -16,17 +16,21 @@ import torch
 from tasks.config import RunConfig
 from tasks.data import has_kind, read_split
 from tasks.errors import ModelError
+from tasks.generate import generate
 from tasks.models import load_model, max_positions, pick_device
 from tasks.perplexity import strided_perplexity
 from tasks.scoring import completion_loss, preference_accuracy
 from tasks.stage import BuildResult, StageSpec, run_stage, stage_task
 from tasks.store import ArtifactRef, ArtifactStore
+from tasks.textmetrics import bleu, rouge
 
 VERSION = "1"
 
 
 def eval_spec(cfg: RunConfig, model: ArtifactRef, data: ArtifactRef) -> StageSpec:
-    config = cfg.evaluate.model_dump(mode="json")
+    config = cfg.evaluate.model_dump(mode="json", exclude={"gates"})  # gates judge, not measure
+    if cfg.evaluate.generation_rows:
+        config["generation"] = cfg.generation.model_dump(mode="json") | {"seed": cfg.seed}
     return StageSpec("evaluate", VERSION, config, upstream={"model": model, "data": data})
 
 
@@ -63,6 +67,28 @@ def answer_metrics(cfg: RunConfig, store: ArtifactStore, data: ArtifactRef, mode
         if rows:
             out |= preference_accuracy(model, tok, rows, a.max_length)
     return out
+
+
+def generation_metrics(
+    cfg: RunConfig, store: ArtifactStore, data: ArtifactRef, model, tok, out: Path
+) -> dict:
+    """Answer held-out instructions with the configured decoding; ROUGE/BLEU vs the references.
+    The samples (prompt, reference, prediction) are kept for the report."""
+    n = cfg.evaluate.generation_rows
+    if not n or not tok.chat_template or not has_kind(store, data, "sft"):
+        return {}
+    rows = read_split(store, data, "sft", cfg.evaluate.answers.split)[:n]
+    pairs = [(_last(r, "user"), _last(r, "assistant")) for r in rows]
+    pairs = [(p, c) for p, c in pairs if p and c]
+    if not pairs:
+        return {}
+    prompts, refs = (list(x) for x in zip(*pairs, strict=True))
+    preds = generate(model, tok, prompts, cfg.generation, seed=cfg.seed)
+    with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
+        for p, r, g in zip(prompts, refs, preds, strict=True):
+            f.write(json.dumps({"prompt": p, "reference": r, "prediction": g}) + "\n")
+    scores = rouge(preds, refs) | {"bleu": bleu(preds, refs)["bleu"]}
+    return {k: round(v, 6) for k, v in scores.items()}
 
 
 def _last(row: dict, role: str) -> str:
@@ -108,6 +134,7 @@ def build_eval(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         "weighting": "token-weighted sum of NLL over scored tokens; context tokens masked",
     }
     metrics |= answer_metrics(cfg, store, spec.upstream["data"], model, tok)
+    metrics |= generation_metrics(cfg, store, spec.upstream["data"], model, tok, out)
     (out / "metrics.json").write_text(json.dumps({**metrics, "protocol": protocol}, indent=2))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return BuildResult(

@@ -38,8 +38,8 @@ def _task_run_states(flow_run_id, expected: int) -> list[str]:
 def test_pipeline_trains_caches_and_reruns_only_what_changed(tiny_cfg_path: Path, tiny_cfg) -> None:
     params = PipelineParams(config=str(tiny_cfg_path))
     first = pipeline(params)
-    assert [s.step for s in first.steps] == [*TRAINING_STEPS, *EVAL_STEPS]
-    assert len(first.executed) == 12
+    assert [s.step for s in first.steps] == [*TRAINING_STEPS, *EVAL_STEPS, "report"]
+    assert len(first.executed) == 13
     pre = next(s for s in first.steps if s.step == "pretrain").metrics
     assert pre["last_logged_loss"] < pre["first_logged_loss"] - 0.3  # it learned
     base_row, pre_row = first.table[:2]
@@ -68,7 +68,7 @@ def test_pipeline_trains_caches_and_reruns_only_what_changed(tiny_cfg_path: Path
     state = pipeline(params, return_state=True)
     second = state.result()
     assert second.executed == [] and second.table == first.table
-    assert _task_run_states(state.state_details.flow_run_id, 12) == ["Cached"] * 12
+    assert _task_run_states(state.state_details.flow_run_id, 13) == ["Cached"] * 13
 
     # One pretrain field changed: pretrain and what depends on it re-run; data, base, pack and
     # the base model's evaluation do not.
@@ -77,6 +77,7 @@ def test_pipeline_trains_caches_and_reruns_only_what_changed(tiny_cfg_path: Path
     )
     assert sorted(third.executed) == sorted(
         ["pretrain", "sft", "dpo_ref", "dpo", "evaluate:pretrain", "evaluate:sft", "evaluate:dpo"]
+        + ["report"]
     )
     assert third.table[0] == first.table[0] and third.table[1] != first.table[1]
 
@@ -99,6 +100,6 @@ def test_stage_selection(tmp_path: Path) -> None:
     only_data = pipeline(PipelineParams(config=str(path), stages=["data"]))
     assert [s.step for s in only_data.steps] == ["data"] and only_data.table == []
     eval_only = pipeline(PipelineParams(config=str(path), stages=["evaluate"]))
-    assert [s.step for s in eval_only.steps] == ["data", "base", "evaluate:base"]
+    assert [s.step for s in eval_only.steps] == ["data", "base", "evaluate:base", "report"]
     assert [r["model"] for r in eval_only.table] == ["base"]
     assert torch.isfinite(torch.tensor(eval_only.table[0]["perplexity"]))

@@ -1,0 +1,109 @@
+"""Promotion gates: conditions on the comparison table that a run must meet to be promoted.
+
+A gate is `<model>.<metric> <op> <number | model.metric>` (validated when the config loads).
+All gates are checked and reported together; any failure fails the flow run with the gates and
+their values named (the artifacts stay, so the run can be inspected), and a passing run records
+its newest model in the store's `promoted.json` under the config's name.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from tasks.config import GATE_RE
+from tasks.errors import FastTrackError
+from tasks.store import ArtifactRef, ArtifactStore
+
+OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq}
+ALIASES = {"rouge_l": "rougeL", "rouge_1": "rouge1", "rouge_2": "rouge2", "rouge_lsum": "rougeLsum"}
+PROMOTED = "promoted.json"
+
+
+class GateError(FastTrackError):
+    """One or more promotion gates failed."""
+
+
+@dataclass(frozen=True)
+class GateResult:
+    gate: str
+    passed: bool
+    left: float | None
+    right: float | None
+    detail: str = ""
+
+
+def _value(table: dict[str, dict[str, Any]], model: str, metric: str) -> float | None:
+    value = table.get(model, {}).get(ALIASES.get(metric, metric))
+    return float(value) if isinstance(value, int | float) else None
+
+
+def check_gates(gates: list[str], rows: list[dict[str, Any]]) -> list[GateResult]:
+    """Evaluate every gate against the table rows (one row per model)."""
+    table = {row["model"]: row for row in rows}
+    results = []
+    for gate in gates:
+        m = GATE_RE.match(gate)
+        assert m, gate  # validated by the config schema
+        left = _value(table, m["model"], m["metric"])
+        rhs = m["rhs"]
+        right = _value(table, *rhs.split(".", 1)) if rhs[0].isalpha() else float(rhs)
+        missing = [
+            ref
+            for ref, v in ((f"{m['model']}.{m['metric']}", left), (rhs, right))
+            if v is None and ref[0].isalpha()
+        ]
+        if missing:
+            have = ", ".join(sorted(table)) or "none"
+            detail = f"{', '.join(missing)} not in the table (models: {have})"
+            results.append(GateResult(gate, False, left, right, detail))
+            continue
+        results.append(GateResult(gate, bool(OPS[m["op"]](left, right)), left, right))
+    return results
+
+
+def describe(result: GateResult) -> str:
+    state = "PASS" if result.passed else "FAIL"
+    values = result.detail or f"{result.left:.6g} vs {result.right:.6g}"
+    return f"{state} {result.gate} ({values})"
+
+
+def promote_or_fail(
+    store: ArtifactStore, run_name: str, results: list[GateResult], newest: ArtifactRef
+) -> dict[str, Any] | None:
+    """Raise GateError naming every failed gate; else record `newest` as promoted."""
+    failed = [r for r in results if not r.passed]
+    if failed:
+        raise GateError("promotion gates failed: " + "; ".join(describe(r) for r in failed))
+    if not results:
+        return None
+    record = {
+        "promoted": newest.key,
+        "stage": newest.stage,
+        "uri": newest.uri,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "gates": [asdict(r) for r in results],
+    }
+    path = f"{store.root}/{PROMOTED}"
+    try:
+        with store.fs.open(path, "rb") as f:
+            promoted = json.loads(f.read())
+    except (FileNotFoundError, json.JSONDecodeError):
+        promoted = {}
+    promoted[run_name] = record
+    store.fs.makedirs(store.root, exist_ok=True)
+    store.fs.pipe_file(path, json.dumps(promoted, indent=2, sort_keys=True).encode())
+    return record
+
+
+def enforce_gates(cfg: Any, table: list[dict[str, Any]], models: dict[str, ArtifactRef]) -> None:
+    """Fail the run on a failed gate; otherwise promote its newest model (DPO > SFT > ...)."""
+    from tasks.generate import MODEL_ORDER
+
+    results = check_gates(cfg.evaluate.gates, table)
+    newest = next((models[m] for m in MODEL_ORDER if m in models), None)
+    if newest is not None:
+        promote_or_fail(ArtifactStore(cfg.store), cfg.name, results, newest)

@@ -1,0 +1,171 @@
+"""The report of a run: one comparison table, retrieval figures, gates, samples and plots.
+
+A cached artifact keyed by the evaluation (and RAG) artifacts it summarises plus the gates, so
+`fasttrack report` can re-print any past run from the store alone; it is also published to the
+Prefect UI as the markdown artifact `fasttrack-report`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tasks.config import RunConfig
+from tasks.gates import check_gates, describe
+from tasks.report import metrics_table, retrieval_table
+from tasks.stage import BuildResult, StageSpec, get_logger, run_stage, stage_task
+from tasks.store import ArtifactRef, ArtifactStore
+
+VERSION = "1"
+REPORT_KEY = "fasttrack-report"
+TRAINING = ("pretrain", "sft", "dpo")
+
+
+def report_spec(
+    cfg: RunConfig,
+    evals: dict[str, ArtifactRef],
+    models: dict[str, ArtifactRef],
+    rag: ArtifactRef | None = None,
+) -> StageSpec:
+    upstream = {f"eval:{m}": ref for m, ref in evals.items()}
+    upstream |= {f"model:{m}": ref for m, ref in models.items()}
+    if rag is not None:
+        upstream["rag"] = rag
+    return StageSpec("report", VERSION, {"run": cfg.name, "gates": cfg.evaluate.gates}, upstream)
+
+
+def _md_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    cols = list(rows[0])
+
+    def cell(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else "–" if v is None else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render(
+    cfg: RunConfig, table: list, retrieval: list, gates: list, samples: dict, plots: list
+) -> str:
+    parts = [
+        f"# FastTrack report: `{cfg.name}`",
+        "",
+        "## Models on held-out data",
+        "",
+        _md_table(table),
+    ]
+    if retrieval:
+        parts += ["", "## Retrieval (held-out questions)", "", _md_table(retrieval)]
+    if gates:
+        parts += ["", "## Promotion gates", ""] + [f"- {describe(g)}" for g in gates]
+    for plot in plots:
+        parts += ["", f"![{plot}]({plot})"]
+    if samples:
+        parts += ["", "## Sample generations", ""]
+        for model, rows in samples.items():
+            for row in rows[:2]:
+                parts += [
+                    f"**{model}** — _{row['prompt']}_",
+                    "",
+                    f"> {row['prediction'] or '(empty)'}",
+                    "",
+                ]
+    decoding = cfg.generation.model_dump()
+    parts += ["", f"Decoding: `{json.dumps(decoding)}`; seed {cfg.seed}."]
+    return "\n".join(parts) + "\n"
+
+
+def build_report(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
+    store = ArtifactStore(cfg.store)
+    evals = {k.removeprefix("eval:"): v for k, v in spec.upstream.items() if k.startswith("eval:")}
+    models = {
+        k.removeprefix("model:"): v for k, v in spec.upstream.items() if k.startswith("model:")
+    }
+    table = metrics_table(evals)
+    retrieval = retrieval_table(spec.upstream["rag"]) if "rag" in spec.upstream else []
+    gates = check_gates(cfg.evaluate.gates, table)
+    samples = {}
+    for model, ref in evals.items():
+        path = store.local_path(ref) / "samples.jsonl"
+        if path.exists():
+            samples[model] = [json.loads(line) for line in path.read_text().splitlines()]
+    plots = make_plots(store, models, table, out)
+    (out / "report.md").write_text(render(cfg, table, retrieval, gates, samples, plots))
+    summary = {"table": table, "retrieval": retrieval, "gates": [g.__dict__ for g in gates]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    metrics = {
+        "gates_passed": sum(g.passed for g in gates),
+        "gates_failed": sum(not g.passed for g in gates),
+    }
+    return BuildResult(metrics=metrics, extra={"run": cfg.name, "summary": summary})
+
+
+def make_plots(store: ArtifactStore, models: dict, table: list, out: Path) -> list[str]:
+    """Loss curves of the training stages and metric bars; skipped (logged) if plotting fails."""
+    try:
+        from tasks.plots import loss_curves, metric_bars
+
+        histories = {}
+        for stage in TRAINING:
+            if stage in models:
+                log = store.local_path(models[stage]) / "log_history.json"
+                if log.exists():
+                    histories[stage] = json.loads(log.read_text())
+        made = []
+        if histories:
+            made.append(loss_curves(histories, out / "loss_curves.png").name)
+        metrics = [m for m in ("perplexity", "sft_loss", "rougeL", "bleu", "pref_accuracy")
+                   if any(r.get(m) is not None for r in table)]  # fmt: skip
+        if table and metrics:
+            made.append(metric_bars(table, metrics, out / "metrics.png").name)
+        return made
+    except Exception as exc:  # plots are a nicety; the report must not fail because of them
+        get_logger().warning("report: plots skipped: %s", exc)
+        return []
+
+
+def write_report(
+    cfg: RunConfig,
+    evals: dict[str, ArtifactRef],
+    models: dict[str, ArtifactRef],
+    rag: ArtifactRef | None = None,
+    force: bool = False,
+) -> ArtifactRef:
+    """Report step of the evaluation stage."""
+    spec = report_spec(cfg, evals, models, rag)
+    return run_stage(
+        ArtifactStore(cfg.store), spec, lambda out: build_report(cfg, spec, out), force
+    )
+
+
+report_task = stage_task(report_spec, name="report")(write_report)
+
+
+def publish_report(cfg: RunConfig, report: ArtifactRef) -> str:
+    """The report as the Prefect markdown artifact `fasttrack-report` (stable key: history)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    text = (ArtifactStore(cfg.store).local_path(report) / "report.md").read_text()
+    create_markdown_artifact(markdown=text, key=REPORT_KEY, description=f"run {cfg.name}")
+    return text
+
+
+def find_report(store: ArtifactStore, run: str = "latest") -> tuple[dict, Path]:
+    """(manifest, report.md path) of the newest report of run `run` (a config name) or of any."""
+    from tasks.errors import FastTrackError
+
+    reports = [m for m in store.manifests() if m["stage"] == "report"]
+    if run != "latest":
+        reports = [m for m in reports if m.get("run") == run]
+    if not reports:
+        names = sorted({m.get("run", "?") for m in store.manifests() if m["stage"] == "report"})
+        raise FastTrackError(
+            f"report: no report of {run!r} in {store.url} (runs: {', '.join(names) or 'none'})"
+        )
+    newest = max(reports, key=lambda m: m["created_at"])
+    ref = ArtifactRef(stage="report", key=newest["key"], uri=store.uri("report", newest["key"]))
+    return newest, store.local_path(ref) / "report.md"

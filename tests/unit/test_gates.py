@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from tasks.config import load_config
+from tasks.errors import ConfigError
+from tasks.gates import GateError, check_gates, describe, promote_or_fail
+from tasks.store import ArtifactRef, ArtifactStore
+from tests.conftest import tiny_config_dict, write_config
+
+TABLE = [
+    {"model": "base", "perplexity": 4000.0, "rougeL": 0.01, "pref_accuracy": 0.5},
+    {"model": "sft", "perplexity": 300.0, "rougeL": 0.12, "pref_accuracy": 0.55},
+]
+
+
+def test_gates_compare_models_and_numbers_with_aliases() -> None:
+    results = check_gates(
+        [
+            "sft.perplexity < base.perplexity",
+            "sft.rouge_l >= base.rougeL",
+            "sft.pref_accuracy >= 0.6",
+        ],
+        TABLE,
+    )
+    assert [r.passed for r in results] == [True, True, False]
+    assert describe(results[2]) == "FAIL sft.pref_accuracy >= 0.6 (0.55 vs 0.6)"
+
+
+def test_missing_model_or_metric_fails_the_gate_and_says_why() -> None:
+    (result,) = check_gates(["dpo.bleu > 0"], TABLE)
+    assert not result.passed and "dpo.bleu not in the table (models: base, sft)" in result.detail
+
+
+def test_fail_names_every_failed_gate_and_pass_promotes(tmp_path) -> None:
+    store = ArtifactStore(tmp_path / "s")
+    newest = ArtifactRef(stage="sft", key="a" * 64, uri="u")
+    bad = check_gates(["sft.pref_accuracy >= 0.6", "base.rougeL > sft.rougeL"], TABLE)
+    with pytest.raises(
+        GateError, match=r"FAIL sft.pref_accuracy >= 0.6 \(0.55 vs 0.6\); FAIL base"
+    ):
+        promote_or_fail(store, "run-x", bad, newest)
+    assert not (tmp_path / "s" / "promoted.json").exists()
+    good = check_gates(["sft.perplexity < base.perplexity"], TABLE)
+    promote_or_fail(store, "run-x", good, newest)
+    promoted = json.loads((tmp_path / "s" / "promoted.json").read_text())
+    assert promoted["run-x"]["promoted"] == "a" * 64 and promoted["run-x"]["gates"][0]["passed"]
+
+
+def test_malformed_gate_is_a_config_error(tmp_path) -> None:
+    d = tiny_config_dict(tmp_path / "s")
+    d["evaluate"]["gates"] = ["sft.rougeL is better"]
+    with pytest.raises(ConfigError, match=r"evaluate: gates.0: 'sft.rougeL is better' is not"):
+        load_config(write_config(tmp_path / "c.yaml", d))
