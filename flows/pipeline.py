@@ -17,6 +17,7 @@ from tasks.dpo import dpo_ref_task, dpo_task
 from tasks.errors import ConfigError
 from tasks.evaluate import evaluate_task
 from tasks.gates import enforce_gates
+from tasks.generate import MODEL_ORDER
 from tasks.models import base_task
 from tasks.packing import pack_task
 from tasks.pretrain import pretrain_task
@@ -89,6 +90,11 @@ def pipeline(params: PipelineParams | None = None) -> RunSummary:
             m: run(evaluate_task, cfg, ref, data, label=f"evaluate:{m}")
             for m, ref in models.items()
         }
+        if rag and (newest := next((m for m in MODEL_ORDER if m in models), None)):
+            label = f"{newest}+rag"
+            evals[label] = run(
+                evaluate_task, cfg, models[newest], data, rag, label=f"evaluate:{label}"
+            )
         table = metrics_table(evals)
         publish_table(table, cfg.name)
         publish_report(cfg, run(report_task, cfg, evals, models, rag))

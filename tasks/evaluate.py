@@ -27,11 +27,17 @@ from tasks.textmetrics import bleu, rouge
 VERSION = "1"
 
 
-def eval_spec(cfg: RunConfig, model: ArtifactRef, data: ArtifactRef) -> StageSpec:
+def eval_spec(
+    cfg: RunConfig, model: ArtifactRef, data: ArtifactRef, rag: ArtifactRef | None = None
+) -> StageSpec:
     config = cfg.evaluate.model_dump(mode="json", exclude={"gates"})  # gates judge, not measure
     if cfg.evaluate.generation_rows:
         config["generation"] = cfg.generation.model_dump(mode="json") | {"seed": cfg.seed}
-    return StageSpec("evaluate", VERSION, config, upstream={"model": model, "data": data})
+    upstream = {"model": model, "data": data}
+    if rag is not None:  # the model answering with retrieved context
+        config["rag"] = {"mode": cfg.rag.mode, "top_k": cfg.rag.top_k}
+        upstream["rag"] = rag
+    return StageSpec("evaluate", VERSION, config, upstream=upstream)
 
 
 def token_stream(texts: list[str], tokenizer, max_tokens: int | None) -> tuple[torch.Tensor, int]:
@@ -70,7 +76,13 @@ def answer_metrics(cfg: RunConfig, store: ArtifactStore, data: ArtifactRef, mode
 
 
 def generation_metrics(
-    cfg: RunConfig, store: ArtifactStore, data: ArtifactRef, model, tok, out: Path
+    cfg: RunConfig,
+    store: ArtifactStore,
+    data: ArtifactRef,
+    model,
+    tok,
+    out: Path,
+    prompt_of=lambda question: question,
 ) -> dict:
     """Answer held-out instructions with the configured decoding; ROUGE/BLEU vs the references.
     The samples (prompt, reference, prediction) are kept for the report."""
@@ -83,7 +95,7 @@ def generation_metrics(
     if not pairs:
         return {}
     prompts, refs = (list(x) for x in zip(*pairs, strict=True))
-    preds = generate(model, tok, prompts, cfg.generation, seed=cfg.seed)
+    preds = generate(model, tok, [prompt_of(p) for p in prompts], cfg.generation, seed=cfg.seed)
     with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
         for p, r, g in zip(prompts, refs, preds, strict=True):
             f.write(json.dumps({"prompt": p, "reference": r, "prediction": g}) + "\n")
@@ -95,7 +107,31 @@ def _last(row: dict, role: str) -> str:
     return next((m["content"] for m in reversed(row["messages"]) if m["role"] == role), "")
 
 
+def build_rag_eval(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
+    """The model answering with retrieved context: ROUGE/BLEU of those answers, plus the
+    index's recall@k, so retrieval sits in the same comparison table."""
+    from tasks.ask import build_prompt
+    from tasks.retrieval import Retriever
+
+    store, rag = ArtifactStore(cfg.store), spec.upstream["rag"]
+    model, tok = load_model(cfg, spec.upstream["model"])
+    retriever = Retriever.open(cfg, rag)
+
+    def with_context(question: str) -> str:
+        hits = retriever.search(question, k=cfg.rag.top_k, mode=cfg.rag.mode)
+        return build_prompt(question, hits)
+
+    metrics = generation_metrics(cfg, store, spec.upstream["data"], model, tok, out, with_context)
+    mode = cfg.rag.mode
+    for k in cfg.rag.eval_ks:
+        metrics[f"recall@{k}"] = rag.metrics.get(f"{mode}.recall@{k}")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return BuildResult(metrics=metrics, device={"device": pick_device()})
+
+
 def build_eval(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
+    if "rag" in spec.upstream:
+        return build_rag_eval(cfg, spec, out)
     pcfg = cfg.evaluate.perplexity
     store = ArtifactStore(cfg.store)
     model, tok = load_model(cfg, spec.upstream["model"])
@@ -143,10 +179,14 @@ def build_eval(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
 
 
 def evaluate_model(
-    cfg: RunConfig, model: ArtifactRef, data: ArtifactRef, force: bool = False
+    cfg: RunConfig,
+    model: ArtifactRef,
+    data: ArtifactRef,
+    rag: ArtifactRef | None = None,
+    force: bool = False,
 ) -> ArtifactRef:
-    """Evaluation of one model: `fasttrack run --stages evaluate`."""
-    spec = eval_spec(cfg, model, data)
+    """Evaluation of one model (with RAG context when `rag` is given): `--stages evaluate`."""
+    spec = eval_spec(cfg, model, data, rag)
     return run_stage(ArtifactStore(cfg.store), spec, lambda out: build_eval(cfg, spec, out), force)
 
 

@@ -54,12 +54,23 @@ def generate(
         )
         for p in prompts
     ]
-    side = tok.padding_side
-    tok.padding_side = "left"
+    from tasks.models import max_positions
+
+    limit = max_positions(model)
+    room = max(limit - g.max_new_tokens, 1) if limit else None
+    sides = tok.padding_side, tok.truncation_side
+    tok.padding_side = tok.truncation_side = "left"  # keep the end: the question and the cue
     try:
-        batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tok(
+            texts,
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+            truncation=room is not None,
+            max_length=room,
+        )
     finally:
-        tok.padding_side = side
+        tok.padding_side, tok.truncation_side = sides
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     model.eval()

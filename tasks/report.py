@@ -15,7 +15,7 @@ from tasks.store import ArtifactRef
 
 TABLE_KEY = "fasttrack-metrics"
 TABLE_COLUMNS = ("perplexity", "bits_per_byte", "sft_loss", "rouge1", "rouge2", "rougeL", "bleu",
-                 "pref_accuracy", "pref_margin")  # fmt: skip
+                 "pref_accuracy", "pref_margin", "recall@5")  # fmt: skip
 RETRIEVAL_COLUMNS = ("recall@1", "recall@5", "recall@10", "mrr")
 
 

@@ -14,7 +14,13 @@ from tasks.store import ArtifactStore
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
 TRAINING_STEPS = ["data", "base", "pack", "pretrain", "sft", "dpo_ref", "dpo", "rag"]
-EVAL_STEPS = ["evaluate:base", "evaluate:pretrain", "evaluate:sft", "evaluate:dpo"]
+EVAL_STEPS = [
+    "evaluate:base",
+    "evaluate:pretrain",
+    "evaluate:sft",
+    "evaluate:dpo",
+    "evaluate:dpo+rag",
+]
 
 
 def _task_run_states(flow_run_id, expected: int) -> list[str]:
@@ -39,11 +45,11 @@ def test_pipeline_trains_caches_and_reruns_only_what_changed(tiny_cfg_path: Path
     params = PipelineParams(config=str(tiny_cfg_path))
     first = pipeline(params)
     assert [s.step for s in first.steps] == [*TRAINING_STEPS, *EVAL_STEPS, "report"]
-    assert len(first.executed) == 13
+    assert len(first.executed) == 14
     pre = next(s for s in first.steps if s.step == "pretrain").metrics
     assert pre["last_logged_loss"] < pre["first_logged_loss"] - 0.3  # it learned
     base_row, pre_row = first.table[:2]
-    assert [r["model"] for r in first.table] == ["base", "pretrain", "sft", "dpo"]
+    assert [r["model"] for r in first.table] == ["base", "pretrain", "sft", "dpo", "dpo+rag"]
     assert pre_row["perplexity"] < base_row["perplexity"] / 2
 
     # The published model is a stock HF model, and its stored perplexity is reproducible by hand.
@@ -68,7 +74,7 @@ def test_pipeline_trains_caches_and_reruns_only_what_changed(tiny_cfg_path: Path
     state = pipeline(params, return_state=True)
     second = state.result()
     assert second.executed == [] and second.table == first.table
-    assert _task_run_states(state.state_details.flow_run_id, 13) == ["Cached"] * 13
+    assert _task_run_states(state.state_details.flow_run_id, 14) == ["Cached"] * 14
 
     # One pretrain field changed: pretrain and what depends on it re-run; data, base, pack and
     # the base model's evaluation do not.
@@ -77,7 +83,7 @@ def test_pipeline_trains_caches_and_reruns_only_what_changed(tiny_cfg_path: Path
     )
     assert sorted(third.executed) == sorted(
         ["pretrain", "sft", "dpo_ref", "dpo", "evaluate:pretrain", "evaluate:sft", "evaluate:dpo"]
-        + ["report"]
+        + ["evaluate:dpo+rag", "report"]
     )
     assert third.table[0] == first.table[0] and third.table[1] != first.table[1]
 

@@ -27,6 +27,8 @@ def test_rag_in_the_flow_then_ask_answers_with_sources(tmp_path: Path) -> None:
     steps = {s.step: s for s in summary.steps}
     assert steps["rag"].status == "executed" and steps["rag"].metrics["chunks"] > 0
     assert {r["retrieval"] for r in summary.retrieval} == {"dense", "bm25", "hybrid"}
+    with_rag = {r["model"]: r for r in summary.table}["sft+rag"]  # newest model + context
+    assert with_rag["recall@5"] is not None and with_rag["rougeL"] is not None
     again = pipeline(PipelineParams(config=str(path), stages=stages))
     assert again.executed == []  # the index too: no embedding on an unchanged corpus
 
