@@ -118,13 +118,22 @@ def load_for_training(cfg: RunConfig, model_ref: ArtifactRef) -> tuple[Any, Any,
     return model, tok, used
 
 
-def linear_module_names(model: Any) -> list[str]:
-    """Unique last-name parts of the model's Linear layers (what `target_modules` can name)."""
+def linear_modules(model: Any) -> list[str]:
+    """Full names of the model's Linear layers (4-bit ones included)."""
     import bitsandbytes as bnb
 
     kinds: tuple[type, ...] = (torch.nn.Linear, bnb.nn.Linear4bit)
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kinds)}
-    return sorted(names)
+    return [n for n, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """Unique last-name parts of the model's Linear layers (what `target_modules` can name)."""
+    return sorted({n.rsplit(".", 1)[-1] for n in linear_modules(model)})
+
+
+def matches_target(name: str, target: str) -> bool:
+    """peft's rule: the full module name, or a `.`-separated suffix of it."""
+    return name == target or name.endswith("." + target)
 
 
 def lora_config(lora: LoraConfig, model: Any):
@@ -132,8 +141,9 @@ def lora_config(lora: LoraConfig, model: Any):
     from peft import LoraConfig as PeftLoraConfig
 
     if lora.target_modules != "all-linear":
+        linears = linear_modules(model)
+        missing = [t for t in lora.target_modules if not any(matches_target(n, t) for n in linears)]
         available = linear_module_names(model)
-        missing = [t for t in lora.target_modules if t not in available]
         if missing:
             raise ModelError(
                 f"sft.lora.target_modules: {', '.join(missing)} name no Linear module of the "

@@ -24,6 +24,15 @@ def test_target_modules_naming_no_module_lists_the_linear_names(tiny_cfg, base) 
         adapters.lora_config(bad, model)
 
 
+def test_target_modules_accept_dotted_suffixes_like_peft(tiny_cfg, base) -> None:
+    model, _, _ = adapters.load_for_training(tiny_cfg, base)
+    lora = tiny_cfg.sft.lora.model_copy(update={"target_modules": ["self_attn.o_proj", "up_proj"]})
+    assert set(adapters.lora_config(lora, model).target_modules) == {"self_attn.o_proj", "up_proj"}
+    wrong = lora.model_copy(update={"target_modules": ["mlp.o_proj"]})
+    with pytest.raises(ModelError, match="mlp.o_proj name no Linear module"):
+        adapters.lora_config(wrong, model)
+
+
 def test_four_bit_unavailable_falls_back_to_lora_and_says_so(
     tiny_cfg, base, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
