@@ -28,32 +28,19 @@ sys.path.insert(0, str(ROOT))
 def one_epoch(cfg, model_ref, data_ref, packing: bool) -> tuple[float, int]:
     """(seconds for one epoch, real tokens in the epoch)."""
     import datasets
-    from trl import SFTConfig, SFTTrainer
 
-    from tasks.adapters import load_for_training, lora_config
+    from tasks.adapters import load_for_training
     from tasks.data import read_split
-    from tasks.sft import prompt_completion
+    from tasks.sft import prompt_completion, sft_trainer
     from tasks.store import ArtifactStore
-    from tasks.training import trainer_kwargs
 
     store = ArtifactStore(cfg.store)
     rows = prompt_completion(read_split(store, data_ref, "sft", "train"))
     model, tok, _ = load_for_training(cfg, model_ref)
-    kwargs = trainer_kwargs(cfg.sft, Path(tempfile.mkdtemp()), cfg.seed, has_eval=False)
-    kwargs |= {
-        "max_steps": -1,
-        "num_train_epochs": 1,
-        "save_strategy": "no",
-        "logging_steps": 10**6,
-    }
-    args = SFTConfig(**kwargs, max_length=cfg.sft.max_length, packing=packing, dataset_num_proc=1)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=datasets.Dataset.from_list(rows),
-        processing_class=tok,
-        peft_config=lora_config(cfg.sft.lora, model),
-    )
+    once = {"max_steps": -1, "num_train_epochs": 1, "save_strategy": "no", "logging_steps": 10**6}
+    train = datasets.Dataset.from_list(rows)
+    work = Path(tempfile.mkdtemp())
+    trainer = sft_trainer(cfg, model, tok, train, None, work, packing=packing, **once)
     ds = trainer.train_dataset
     tokens = sum(len(ids) for ids in ds["input_ids"])
     t0 = time.perf_counter()

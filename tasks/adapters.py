@@ -15,7 +15,7 @@ import torch
 
 from tasks.config import LoraConfig, QuantizationConfig, RunConfig
 from tasks.errors import ModelError
-from tasks.models import model_source, pick_device
+from tasks.models import fix_tokenizer, load_tokenizer, model_source, pick_device
 from tasks.stage import get_logger
 from tasks.store import ArtifactRef
 
@@ -81,25 +81,21 @@ def disable_cpu_bf16_repack(model: Any) -> None:
 def load_for_training(cfg: RunConfig, model_ref: ArtifactRef) -> tuple[Any, Any, str]:
     """(model, tokenizer, quantization used) for adapter training on the model artifact."""
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    name, revision, template = model_source(cfg, model_ref)
+    name, revision, _ = model_source(cfg, model_ref)
+    tok, _ = load_tokenizer(cfg, model_ref)  # template override and pad token applied there
+    if not tok.chat_template:
+        raise ModelError(
+            f"the tokenizer of {name} has no chat template: set model.chat_template in the config "
+            "(a Jinja template), or use a chat/instruct model"
+        )
     bnb, used = quantization(cfg.sft.quantization)
     device = pick_device()
     kwargs: dict[str, Any] = {
         "revision": revision,
         "trust_remote_code": cfg.model.trust_remote_code,
     }
-    tok = AutoTokenizer.from_pretrained(name, **kwargs)
-    if template:
-        tok.chat_template = template
-    if not tok.chat_template:
-        raise ModelError(
-            f"the tokenizer of {name} has no chat template: set model.chat_template in the config "
-            "(a Jinja template), or use a chat/instruct model"
-        )
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(
         name,
         use_safetensors=True,
@@ -113,8 +109,7 @@ def load_for_training(cfg: RunConfig, model_ref: ArtifactRef) -> tuple[Any, Any,
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.sft.gradient_checkpointing
         )
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tok.pad_token_id
+    fix_tokenizer(tok, model.config)  # pad id into the model config
     return model, tok, used
 
 

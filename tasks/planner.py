@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tasks.adapters import matches_target
 from tasks.config import LoraConfig, RunConfig, TrainingConfig
 from tasks.errors import ModelError
 
@@ -130,7 +131,7 @@ def lora_params(shape: ModelShape, lora: LoraConfig) -> tuple[int, int]:
         targets = [n for n in shape.linears if n != shape.output_name]
     else:
         wanted = lora.target_modules
-        targets = [n for n in shape.linears if any(n == t or n.endswith("." + t) for t in wanted)]
+        targets = [n for n in shape.linears if any(matches_target(n, t) for t in wanted)]
         if not targets:
             names = sorted({n.rsplit(".", 1)[-1] for n in shape.linears})
             raise ModelError(

@@ -43,9 +43,33 @@ def prompt_completion(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def sft_trainer(
+    cfg: RunConfig, model: Any, tok: Any, train: Any, val: Any, work: Path, **overrides: Any
+) -> Any:
+    """TRL SFTTrainer with the config's knobs and LoRA (the one place SFT is set up; the
+    packing benchmark and the EOS test use it too). `overrides` replace SFTConfig fields."""
+    from trl import SFTConfig, SFTTrainer
+
+    s = cfg.sft
+    kwargs = trainer_kwargs(s, work, cfg.seed, has_eval=val is not None)
+    kwargs |= {
+        "max_length": s.max_length,
+        "completion_only_loss": s.completion_only_loss,
+        "packing": s.packing,
+        "dataset_num_proc": 1,
+    }
+    return SFTTrainer(
+        model=model,
+        args=SFTConfig(**(kwargs | overrides)),
+        train_dataset=train,
+        eval_dataset=val,
+        processing_class=tok,
+        peft_config=lora_config(s.lora, model),
+    )
+
+
 def build_sft(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     import datasets
-    from trl import SFTConfig, SFTTrainer
 
     s, store = cfg.sft, ArtifactStore(cfg.store)
     data = spec.upstream["data"]
@@ -54,21 +78,7 @@ def build_sft(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     val = datasets.Dataset.from_list(val_rows) if val_rows else None
     model, tok, quant = load_for_training(cfg, spec.upstream["model"])
     work = store.work_dir("sft", spec.key)
-    args = SFTConfig(
-        **trainer_kwargs(s, work, cfg.seed, has_eval=val is not None),
-        max_length=s.max_length,
-        completion_only_loss=s.completion_only_loss,
-        packing=s.packing,
-        dataset_num_proc=1,
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train,
-        eval_dataset=val,
-        processing_class=tok,
-        peft_config=lora_config(s.lora, model),
-    )
+    trainer = sft_trainer(cfg, model, tok, train, val, work)
     before = trainable_snapshot(trainer.model)
     metrics = run_trainer(trainer, "sft", work, out, eval_before=True)
     tok.save_pretrained(out)

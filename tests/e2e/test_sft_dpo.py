@@ -88,23 +88,16 @@ def test_changing_beta_reuses_reference_logprobs(run) -> None:
 def test_eos_is_in_the_trained_labels(run) -> None:
     """The chat template closes each answer with EOS; it must be inside the loss mask."""
     import datasets
-    from trl import SFTConfig, SFTTrainer
 
-    from tasks.adapters import load_for_training, lora_config
+    from tasks.adapters import load_for_training
     from tasks.data import read_split
-    from tasks.sft import prompt_completion
+    from tasks.sft import prompt_completion, sft_trainer
 
     _, cfg, store, refs = run
     rows = prompt_completion(read_split(store, refs["data"], "sft", "train")[:4])
     model, tok, _ = load_for_training(cfg, refs["pretrain"])
-    args = SFTConfig(output_dir=str(store.scratch / "eos-check"), use_cpu=True, report_to="none")
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=datasets.Dataset.from_list(rows),
-        processing_class=tok,
-        peft_config=lora_config(cfg.sft.lora, model),
-    )
+    train = datasets.Dataset.from_list(rows)
+    trainer = sft_trainer(cfg, model, tok, train, None, store.scratch / "eos-check")
     example = trainer.train_dataset[0]  # TRL folds its masks into `labels` (-100 = no loss)
     trained = [t for t in example["labels"] if t != -100]
     untrained = [
