@@ -6,6 +6,7 @@
     fasttrack ask [CONFIG] "question"             # RAG answer with sources
     fasttrack report [RUN|latest] [--store artifacts]   # re-print a past run's report
     fasttrack ls [--store artifacts]
+    fasttrack deploy | worker --queue gpu | zombies   # scheduled runs on a Prefect server
 
 Without PREFECT_API_URL the flow runs on Prefect's ephemeral local API; with a server set, the
 same command shows up in the Prefect UI.
@@ -165,6 +166,48 @@ def ask(
     for hit in result.hits:
         sources.add_row(str(hit.rank), hit.title, hit.section or "", f"{hit.score:.3f}")
     console.print(sources)
+
+
+@app.command()
+def deploy(
+    name: Annotated[list[str] | None, typer.Option(help="Only these deployments")] = None,
+) -> None:
+    """Create the `fasttrack` work pool (queues cpu, gpu) and deploy prefect.yaml."""
+    from flows.ops import deploy as do_deploy
+
+    try:
+        raise typer.Exit(do_deploy(_split(name)))
+    except FastTrackError as exc:
+        _fail(exc)
+
+
+@app.command()
+def worker(
+    queue: Annotated[str, typer.Option(help="Work queue: cpu or gpu")] = "cpu",
+    limit: Annotated[int | None, typer.Option(help="Max concurrent flow runs")] = None,
+) -> None:
+    """Start a process worker on the `fasttrack` pool (runs scheduled/triggered runs)."""
+    from flows.ops import worker as start_worker
+
+    try:
+        start_worker(queue, limit)
+    except FastTrackError as exc:
+        _fail(exc)
+
+
+@app.command()
+def zombies() -> None:
+    """Create the automation that marks flow runs Crashed when their heartbeats stop."""
+    from flows.ops import HEARTBEAT_S, ZOMBIE_AFTER_S, create_zombie_automation
+
+    try:
+        automation_id = create_zombie_automation()
+    except FastTrackError as exc:
+        _fail(exc)
+    console.print(
+        f"automation {automation_id}: runs with no heartbeat for {ZOMBIE_AFTER_S} s -> Crashed "
+        f"(workers started by `fasttrack worker` send one every {HEARTBEAT_S} s)"
+    )
 
 
 def metrics_table(rows: list[dict], title: str = "evaluation (held-out data)") -> Table:

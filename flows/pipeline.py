@@ -17,7 +17,7 @@ from tasks.dpo import dpo_ref_task, dpo_task
 from tasks.errors import ConfigError
 from tasks.evaluate import evaluate_task
 from tasks.gates import enforce_gates
-from tasks.generate import MODEL_ORDER
+from tasks.generate import MODEL_ORDER, run_models
 from tasks.models import base_task
 from tasks.packing import pack_task
 from tasks.pretrain import pretrain_task
@@ -25,8 +25,10 @@ from tasks.rag import rag_task
 from tasks.report import RunSummary, StepRunner, metrics_table, publish_table, retrieval_table
 from tasks.run_report import publish_report, report_task
 from tasks.sft import sft_task
+from tasks.store import ArtifactRef
 
 STEPS = ("data", "base", "pack", "pretrain", "sft", "dpo_ref", "dpo", "rag", "evaluate", "report")
+MODEL_CHAIN = tuple(reversed(MODEL_ORDER))  # base, pretrain, sft, dpo
 AVAILABLE = ("data", "pretrain", "sft", "dpo", "rag", "evaluate")
 
 
@@ -61,6 +63,13 @@ def enabled_stages(cfg: RunConfig, params: PipelineParams) -> set[str]:
     return set(params.stages) - off
 
 
+def trained_models(cfg: RunConfig, models: dict[str, ArtifactRef]) -> dict[str, ArtifactRef]:
+    """The models this run built plus those of the same config already in the store, so
+    `--stages data,evaluate` evaluates what earlier runs trained without training anything."""
+    found = run_models(cfg)
+    return {m: models.get(m) or found[m] for m in MODEL_CHAIN if m in models or m in found}
+
+
 @flow(name="fasttrack-pipeline")
 def pipeline(params: PipelineParams | None = None) -> RunSummary:
     """data -> base -> pack -> pretrain -> sft -> dpo_ref -> dpo -> evaluate(every model);
@@ -86,6 +95,7 @@ def pipeline(params: PipelineParams | None = None) -> RunSummary:
     rag = run.collect(index) if index else None
     table = []
     if "evaluate" in wanted:
+        models = trained_models(cfg, models)
         evals = {
             m: run(evaluate_task, cfg, ref, data, label=f"evaluate:{m}")
             for m, ref in models.items()

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tasks.compute import ComputeConfig
 from tasks.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipeline_configs" / "tiny-cpu.yaml"
@@ -139,6 +140,9 @@ class TrainingConfig(Section):
     eval_steps: int = Field(50, gt=0)
     save_steps: int = Field(50, gt=0)
     save_total_limit: int = Field(2, gt=0)
+    timeout_minutes: float | None = Field(
+        None, gt=0, description="Stop the stage after this long (checkpoints are kept)."
+    )
 
 
 class PretrainConfig(TrainingConfig):
@@ -297,6 +301,7 @@ class RunConfig(Section):
     rag: RagConfig = RagConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     generation: GenerationConfig = GenerationConfig()
+    compute: ComputeConfig = ComputeConfig()
 
     @model_validator(mode="after")
     def _fits_scratch_model(self) -> RunConfig:

@@ -24,7 +24,13 @@ from tasks.models import pick_device
 from tasks.scoring import preference_accuracy
 from tasks.stage import BuildResult, StageSpec, run_stage, stage_task
 from tasks.store import ArtifactRef, ArtifactStore
-from tasks.training import dtype_name, run_trainer, trainer_kwargs, training_key_config
+from tasks.training import (
+    dtype_name,
+    run_trainer,
+    train_stage,
+    trainer_kwargs,
+    training_key_config,
+)
 
 VERSION = "1"
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -216,7 +222,12 @@ def dpo(
 ) -> ArtifactRef:
     """DPO stage: `fasttrack run --stages dpo`."""
     spec = dpo_spec(cfg, model, sft, ref, data)
-    return run_stage(ArtifactStore(cfg.store), spec, lambda out: build_dpo(cfg, spec, out), force)
+    return run_stage(
+        ArtifactStore(cfg.store),
+        spec,
+        lambda out: train_stage(cfg, "dpo", build_dpo, cfg, spec, out),
+        force,
+    )
 
 
 dpo_ref_task = stage_task(ref_spec, name="dpo_ref")(reference_logps)

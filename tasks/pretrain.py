@@ -16,7 +16,13 @@ from tasks.config import RunConfig
 from tasks.models import load_model, pick_device
 from tasks.stage import BuildResult, StageSpec, run_stage, stage_task
 from tasks.store import ArtifactRef, ArtifactStore
-from tasks.training import dtype_name, run_trainer, trainer_kwargs, training_key_config
+from tasks.training import (
+    dtype_name,
+    run_trainer,
+    train_stage,
+    trainer_kwargs,
+    training_key_config,
+)
 
 VERSION = "1"
 
@@ -74,7 +80,10 @@ def pretrain(
     """Continued pretraining stage: `fasttrack run --stages pretrain`."""
     spec = pretrain_spec(cfg, packed, base)
     return run_stage(
-        ArtifactStore(cfg.store), spec, lambda out: build_pretrain(cfg, spec, out), force
+        ArtifactStore(cfg.store),
+        spec,
+        lambda out: train_stage(cfg, "pretrain", build_pretrain, cfg, spec, out),
+        force,
     )
 
 

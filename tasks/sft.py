@@ -23,7 +23,13 @@ from tasks.data import read_split
 from tasks.models import load_model, pick_device
 from tasks.stage import BuildResult, StageSpec, run_stage, stage_task
 from tasks.store import ArtifactRef, ArtifactStore
-from tasks.training import dtype_name, run_trainer, trainer_kwargs, training_key_config
+from tasks.training import (
+    dtype_name,
+    run_trainer,
+    train_stage,
+    trainer_kwargs,
+    training_key_config,
+)
 
 VERSION = "1"
 
@@ -110,7 +116,12 @@ def merge_adapter(cfg: RunConfig, model_ref: ArtifactRef, adapter: Path, dest: P
 def sft(cfg: RunConfig, model: ArtifactRef, data: ArtifactRef, force: bool = False) -> ArtifactRef:
     """Instruction-tuning stage: `fasttrack run --stages sft`."""
     spec = sft_spec(cfg, model, data)
-    return run_stage(ArtifactStore(cfg.store), spec, lambda out: build_sft(cfg, spec, out), force)
+    return run_stage(
+        ArtifactStore(cfg.store),
+        spec,
+        lambda out: train_stage(cfg, "sft", build_sft, cfg, spec, out),
+        force,
+    )
 
 
 sft_task = stage_task(sft_spec, name="sft", retries=1, retry_delay_seconds=5)(sft)

@@ -145,6 +145,24 @@ def _retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
     return True
 
 
+def link_artifact(ref: ArtifactRef) -> None:
+    """A Prefect link artifact per published artifact (stable key per stage: UI history)."""
+    from prefect.artifacts import create_link_artifact
+
+    from tasks.progress import in_prefect_run
+
+    if not in_prefect_run():  # `.fn()` calls in tests and scripts: nothing to attach to
+        return
+    uri = ref.uri if "://" in ref.uri else Path(ref.uri).resolve().as_uri()
+    shown = ", ".join(f"{k}={v}" for k, v in list(ref.metrics.items())[:6])
+    create_link_artifact(
+        link=uri,
+        link_text=f"{ref.stage} {ref.key[:12]}",
+        key=f"fasttrack-artifact-{ref.stage.replace('_', '-')}",
+        description=f"{ref.stage} artifact {ref.key[:12]}: {shown}"[:500],
+    )
+
+
 def stage_task(spec_fn: Callable[..., StageSpec], **task_options: Any):
     """Wrap a stage function `fn(cfg, *refs, force=False) -> ArtifactRef` as a Prefect task.
 
@@ -156,7 +174,10 @@ def stage_task(spec_fn: Callable[..., StageSpec], **task_options: Any):
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any):
             ref = fn(*args, **kwargs)
-            return Completed(data=ref, name="Cached") if ref.reused else ref
+            if ref.reused:
+                return Completed(data=ref, name="Cached")
+            link_artifact(ref)
+            return ref
 
         options = {
             "persist_result": True,

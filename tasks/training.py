@@ -10,20 +10,60 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
-from tasks.config import TrainingConfig
+from tasks.config import RunConfig, TrainingConfig
+from tasks.isolation import run_isolated
 from tasks.models import pick_device, pick_dtype
-from tasks.progress import ProgressCallback
+from tasks.progress import ProgressReporter
+from tasks.stage import get_logger
 
 # TRL's configs still take `gradient_checkpointing` (transformers 5 calls it activation_...).
 warnings.filterwarnings(
     "ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning
 )
+
+
+class ProgressCallback(TrainerCallback):
+    """Logs losses every `logging_steps` and reports step/total (at most every 2 s)."""
+
+    def __init__(self, stage: str, min_interval_s: float = 2.0):
+        self.stage = stage
+        self.min_interval_s = min_interval_s
+        self.reporter = ProgressReporter(stage)
+        self.last_update = 0.0
+        self.last_logs: dict[str, float] = {}
+        self.log = get_logger()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        start = state.global_step
+        resumed = f" (resuming from step {start})" if start else ""
+        self.log.info("%s: training %d steps%s", self.stage, state.max_steps, resumed)
+        self._notify(state)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = {k: v for k, v in (logs or {}).items() if isinstance(v, int | float)}
+        self.last_logs.update(logs)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in logs.items() if k != "epoch")
+        self.log.info("%s: step %d/%d %s", self.stage, state.global_step, state.max_steps, shown)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() - self.last_update >= self.min_interval_s:
+            self._notify(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._notify(state)
+
+    def _notify(self, state) -> None:
+        self.last_update = time.monotonic()
+        self.reporter.update(state.global_step, state.max_steps, dict(self.last_logs))
 
 
 def precision_flags(precision: str) -> dict[str, bool]:
@@ -135,7 +175,17 @@ def run_trainer(
 
 
 # Knobs that change what is logged or how often it is saved, not the trained weights.
-NOT_IN_KEY = {"logging_steps", "save_steps", "save_total_limit"}
+NOT_IN_KEY = {"logging_steps", "save_steps", "save_total_limit", "timeout_minutes"}
+
+
+def train_stage(cfg: RunConfig, stage: str, build: Callable[..., Any], *args: Any) -> Any:
+    """Run a training stage's `build(*args)`: in a killable child process unless
+    `compute.isolate` is off, stopped after `<stage>.timeout_minutes`."""
+    if not cfg.compute.isolate:
+        return build(*args)
+    section: TrainingConfig = getattr(cfg, stage)
+    timeout = section.timeout_minutes * 60 if section.timeout_minutes else None
+    return run_isolated(build, *args, stage=stage, timeout_s=timeout)
 
 
 def training_key_config(section: TrainingConfig, seed: int) -> dict[str, Any]:

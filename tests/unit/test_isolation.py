@@ -1,0 +1,146 @@
+"""Training in a child process: results, errors, crashes, timeouts and orphans.
+
+The functions run in the child are defined here at module level, so the child imports this
+module by name (pickle by reference), exactly as it imports a stage's build function.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks.errors import DataError
+from tasks.isolation import ChildCrashed, StageTimeout, run_isolated
+from tasks.progress import LISTENERS, ProgressReporter
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def add(a: int, b: int) -> dict:
+    return {"sum": a + b, "pid": os.getpid()}
+
+
+def fail_user() -> None:
+    raise DataError("data.jsonl:3: not an object")
+
+
+def fail_bug() -> None:
+    raise KeyError("boom")
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def sleep_forever(pid_file: str) -> None:
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+def report(stage: str) -> str:
+    logging.getLogger("fasttrack").info("%s: hello from the child", stage)
+    ProgressReporter(stage).update(3, 4, {"loss": 1.5})
+    print("stray print must not break the event stream")
+    return "done"
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie of ours is dead for our purpose
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split()[2] == "Z")
+
+
+def wait_gone(pid: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_result_comes_back_from_another_process():
+    out = run_isolated(add, 2, 3, stage="unit")
+    assert out["sum"] == 5 and out["pid"] != os.getpid()
+
+
+def test_user_error_keeps_its_type_and_message():
+    with pytest.raises(DataError, match="data.jsonl:3: not an object"):
+        run_isolated(fail_user, stage="unit")
+
+
+def test_bug_keeps_its_type_and_child_traceback():
+    with pytest.raises(KeyError) as info:
+        run_isolated(fail_bug, stage="unit")
+    assert any("fail_bug" in note for note in info.value.__notes__)
+
+
+def test_killed_child_is_a_retryable_crash():
+    with pytest.raises(ChildCrashed, match="signal 9"):
+        run_isolated(die, stage="unit")
+
+
+def test_timeout_stops_the_child(tmp_path):
+    pid_file = tmp_path / "pid"
+    with pytest.raises(StageTimeout, match="unit: stopped after the timeout"):
+        run_isolated(sleep_forever, str(pid_file), stage="unit", timeout_s=8)
+    assert wait_gone(int(pid_file.read_text()), 10)
+
+
+def test_logs_and_progress_reach_the_parent(caplog):
+    seen = []
+    LISTENERS.append(lambda *event: seen.append(event))
+    try:
+        with caplog.at_level(logging.INFO, logger="fasttrack"):
+            assert run_isolated(report, "sft", stage="sft") == "done"
+    finally:
+        LISTENERS.clear()
+    assert ("sft", 3, 4, {"loss": 1.5}) in seen
+    assert "sft: hello from the child" in caplog.text
+
+
+def test_child_dies_with_a_sigkilled_parent(tmp_path):
+    pid_file = tmp_path / "pid"
+    parent = textwrap.dedent(f"""
+        from tests.unit.test_isolation import sleep_forever
+        from tasks.isolation import run_isolated
+        run_isolated(sleep_forever, {str(pid_file)!r}, stage="unit")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    child = int(pid_file.read_text())
+    proc.kill()  # no finally, no cleanup: only the kernel and the watchdog can help
+    proc.wait()
+    assert wait_gone(child, 5)
+
+
+def test_prefect_task_timeout_interrupts_the_wait(tmp_path, prefect_harness):
+    from prefect import flow, task
+
+    pid_file = tmp_path / "pid"
+
+    @task(timeout_seconds=10)
+    def train() -> None:
+        run_isolated(sleep_forever, str(pid_file), stage="unit")
+
+    @flow
+    def f() -> None:
+        train()
+
+    state = f(return_state=True)
+    assert state.is_failed()
+    assert wait_gone(int(pid_file.read_text()), 15)
