@@ -1,13 +1,24 @@
 """Where and how training runs: the `compute:` section of a run config.
 
-Kept apart from tasks/config.py because it grows with the launchers (child process today;
-accelerate for several processes/GPUs) and none of it changes a stage's result, so none of it
-is part of any artifact key.
+Kept apart from tasks/config.py because it grows with the launchers and none of it changes
+what a stage computes (up to floating-point reduction order), so none of it is part of any
+artifact key: a model trained on 1 process is reused by a run that asks for 2.
+
+- `isolate`: train in a killable child process (tasks/isolation.py).
+- `num_processes > 1`: the child is started by `accelerate launch` (torchrun underneath), one
+  rank per process; `strategy` ddp (every rank holds the model, gradients all-reduced) or fsdp
+  (FSDP2 full shard, auto-wrapped per decoder layer, the full state dict gathered on save so the
+  artifact is a plain safetensors model/adapter). On CPU the ranks use the gloo backend (DDP);
+  mixed precision is the stage's own `precision`.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import socket
+import sys
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ComputeConfig(BaseModel):
@@ -18,3 +29,47 @@ class ComputeConfig(BaseModel):
         description="Train in a child process, so cancel/timeout/Ctrl-C really stop it "
         "(false: train in the flow process, for debugging).",
     )
+    num_processes: int = Field(1, ge=1, description="Training ranks (accelerate launch if > 1).")
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    main_process_port: int | None = Field(
+        None, ge=1024, le=65535, description="Rendezvous port (default: a free one)."
+    )
+
+    @model_validator(mode="after")
+    def _launcher_needs_isolation(self) -> ComputeConfig:
+        if self.num_processes > 1 and not self.isolate:
+            raise ValueError("num_processes > 1 needs isolate: true (ranks are child processes)")
+        return self
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_prefix(compute: ComputeConfig, mixed_precision: str) -> list[str]:
+    """The `accelerate launch ... -m` prefix for the training child ([] for one process)."""
+    if compute.num_processes <= 1:
+        return []
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--num_processes", str(compute.num_processes), "--num_machines", "1",
+        "--mixed_precision", mixed_precision, "--dynamo_backend", "no",
+        "--main_process_port", str(compute.main_process_port or free_port()),
+    ]  # fmt: skip
+    if compute.strategy == "fsdp":
+        cmd += [
+            "--use_fsdp",
+            "--fsdp_version",
+            "2",
+            "--fsdp_auto_wrap_policy",
+            "TRANSFORMER_BASED_WRAP",
+            "--fsdp_state_dict_type",
+            "FULL_STATE_DICT",
+            "--fsdp_reshard_after_forward",
+            "true",
+        ]  # fmt: skip  (wrapped classes: the model's `_no_split_modules`, its decoder layer)
+    else:
+        cmd.append("--multi_gpu")  # torchrun; the ranks pick gloo themselves on CPU
+    return [*cmd, "-m"]

@@ -44,6 +44,21 @@ class ChildCrashed(RuntimeError):
     """The child died without a result (killed, OOM, segfault): retryable, training resumes."""
 
 
+class RankDone(BaseException):
+    """Raised on ranks > 0 once their collective work is done: rank 0 alone writes the artifact
+    and the result (a BaseException so no `except Exception` in library code swallows it)."""
+
+
+def rank() -> int:
+    """This process's rank under a distributed launch (0 when not distributed)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def finish_if_not_rank0() -> None:
+    if rank() != 0:
+        raise RankDone
+
+
 class StageTimeout(FastTrackError):
     """The stage ran longer than its configured timeout; the child was stopped."""
 
@@ -195,10 +210,6 @@ def _watch_parent(parent: int) -> None:
         time.sleep(0.5)
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def child_main(tmp: Path) -> int:
     """Entry of the child (and of every rank under a launcher)."""
     events_out = os.fdopen(os.dup(1), "w", buffering=1)
@@ -206,7 +217,7 @@ def child_main(tmp: Path) -> int:
     lock = threading.Lock()
 
     def emit(event: dict[str, Any]) -> None:
-        if _rank() == 0:
+        if rank() == 0:
             with lock:
                 events_out.write(json.dumps(event, default=str) + "\n")
 
@@ -227,6 +238,8 @@ def child_main(tmp: Path) -> int:
     fn, args = pickle.loads((tmp / "call.pkl").read_bytes())
     try:
         result: tuple[str, Any, str] = ("ok", fn(*args), "")
+    except RankDone:
+        return 0
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
         tb = traceback.format_exc()
         try:
@@ -234,7 +247,7 @@ def child_main(tmp: Path) -> int:
         except Exception:
             exc = RuntimeError(f"{type(exc).__name__}: {exc}")
         result = ("error", exc, tb)
-    if _rank() == 0:
+    if rank() == 0:
         part = tmp / f"result.pkl.{os.getpid()}"
         part.write_bytes(pickle.dumps(result))
         part.rename(tmp / "result.pkl")  # whole or absent: a kill mid-write is a crash

@@ -19,8 +19,10 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from tasks.compute import launch_prefix
 from tasks.config import RunConfig, TrainingConfig
-from tasks.isolation import run_isolated
+from tasks.errors import ConfigError
+from tasks.isolation import finish_if_not_rank0, run_isolated
 from tasks.models import pick_device, pick_dtype
 from tasks.progress import ProgressReporter
 from tasks.stage import get_logger
@@ -147,16 +149,21 @@ def run_trainer(
     hf_logging.disable_progress_bar()
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressCallback logs them
     trainer.add_callback(ProgressCallback(stage))
-    before = trainer.evaluate() if eval_before and trainer.eval_dataset is not None else {}
     resume, start = last_checkpoint(work)
+    if eval_before and trainer.eval_dataset is not None and start == 0:
+        # Evaluated inside train(), after the model is wrapped: a trainer.evaluate() before
+        # train() leaves DDP ranks training unsynchronised (each on its own shard).
+        trainer.args.eval_on_start = True
     result = trainer.train(resume_from_checkpoint=resume)
     final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
-    trainer.save_model(str(out))
+    trainer.save_model(str(out))  # collective under FSDP (gathers the full state dict)
+    finish_if_not_rank0()  # other ranks stop here; rank 0 writes everything below
     history = trainer.state.log_history
     (out / "log_history.json").write_text(json.dumps(history, indent=2))
     losses = [h["loss"] for h in history if "loss" in h]
     metrics: dict[str, Any] = {
         "steps": trainer.state.global_step,
+        "world_size": trainer.args.world_size,
         "resumed_from_step": start,
         "train_loss": round(result.training_loss, 5),
         "first_logged_loss": losses[0] if losses else None,
@@ -166,8 +173,9 @@ def run_trainer(
     if "eval_loss" in final_eval:
         metrics["eval_loss"] = round(final_eval["eval_loss"], 5)
         metrics["eval_perplexity"] = round(math.exp(min(final_eval["eval_loss"], 50)), 3)
-    if "eval_loss" in before:
-        metrics["eval_loss_before"] = round(before["eval_loss"], 5)
+    before = [h for h in history if h.get("step") == 0 and "eval_loss" in h]
+    if eval_before and before:  # kept in the trainer state across a resume
+        metrics["eval_loss_before"] = round(before[0]["eval_loss"], 5)
     for name, value in final_eval.items():
         if name.startswith("eval_rewards/") and isinstance(value, int | float):
             metrics[name.removeprefix("eval_")] = round(value, 5)
@@ -185,7 +193,14 @@ def train_stage(cfg: RunConfig, stage: str, build: Callable[..., Any], *args: An
         return build(*args)
     section: TrainingConfig = getattr(cfg, stage)
     timeout = section.timeout_minutes * 60 if section.timeout_minutes else None
-    return run_isolated(build, *args, stage=stage, timeout_s=timeout)
+    if cfg.compute.strategy == "fsdp" and cfg.compute.num_processes > 1 and pick_device() != "cuda":
+        raise ConfigError(
+            "compute.strategy: fsdp needs CUDA GPUs (accelerate runs CPU ranks as DDP only); "
+            "use strategy: ddp on CPU"
+        )
+    mixed = {"bf16": "bf16", "fp16": "fp16"}.get(dtype_name(section.precision), "no")
+    launcher = launch_prefix(cfg.compute, mixed)
+    return run_isolated(build, *args, stage=stage, timeout_s=timeout, launcher=launcher)
 
 
 def training_key_config(section: TrainingConfig, seed: int) -> dict[str, Any]:
