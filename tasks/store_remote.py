@@ -88,7 +88,7 @@ def block_options(slug: str) -> dict[str, Any]:
     if not _BLOCK_RE.match(slug):
         raise StoreError(f"store.credentials_block {slug!r}: expected <block-type-slug>/<name>")
     try:
-        block = Block.load(slug)
+        block = Block.load(slug, _sync=True)  # a block, never a coroutine, in any context
     except (ValueError, KeyError, ImportError) as exc:
         raise StoreError(f"store.credentials_block {slug!r}: cannot load it ({exc})") from None
     if isinstance(block, Secret):

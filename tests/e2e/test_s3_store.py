@@ -18,6 +18,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from prefect import flow, task
 
 from tasks import store_remote
 from tasks.config import StoreConfig
@@ -216,6 +217,18 @@ def test_second_worker_reuses_the_first_workers_artifact(s3_url: str, tmp_path: 
     assert (reused1, reused2) == (False, True) and text1 == text2
 
 
+@task
+def _publish_task(store: StoreConfig, cache: str) -> ArtifactRef:
+    return run_stage(
+        ArtifactStore(store, cache_dir=cache), _spec(6), lambda o: _write(o, "b", ["f"])
+    )
+
+
+@flow
+def _worker_flow(store: StoreConfig, cache: str) -> ArtifactRef:
+    return _publish_task(store, cache)
+
+
 @pytest.mark.usefixtures("prefect_harness")
 def test_credentials_from_prefect_blocks(
     s3_url: str, moto_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -246,9 +259,7 @@ def test_credentials_from_prefect_blocks(
         ArtifactStore(s3_url, cache_dir=tmp_path / "none").lookup("demo", _spec(6).key)
 
     aws = StoreConfig(url=s3_url, credentials_block="aws-credentials/fasttrack-test-store")
-    ref = run_stage(
-        ArtifactStore(aws, cache_dir=tmp_path / "a"), _spec(6), lambda o: _write(o, "b", ["f"])
-    )
+    ref = _worker_flow(aws, str(tmp_path / "a"))  # the block is loaded inside a Prefect task
     opts = StoreConfig(url=s3_url, credentials_block="secret/fasttrack-test-store-options")
     found = ArtifactStore(opts, cache_dir=tmp_path / "s").lookup("demo", ref.key)
     assert not ref.reused and found is not None and found.metrics == {"tag": "b"}
