@@ -131,6 +131,9 @@ def s3_url(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    # fsspec reuses S3 clients across tests; one built under another test's environment (say,
+    # without credentials) would keep failing.
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
     bucket = f"fasttrack-{uuid.uuid4().hex[:12]}"
     fsspec.filesystem("s3", use_listings_cache=False).mkdir(bucket)
     return f"s3://{bucket}/artifacts"
