@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from tasks.config import TrainingConfig
+from tasks.guards import guard_training, not_in_key
 from tasks.models import pick_device, pick_dtype
 from tasks.progress import ProgressCallback
 
@@ -96,7 +97,12 @@ def last_checkpoint(work: Path) -> tuple[str | None, int]:
 
 
 def run_trainer(
-    trainer: Any, stage: str, work: Path, out: Path, eval_before: bool = False
+    trainer: Any,
+    stage: str,
+    work: Path,
+    out: Path,
+    eval_before: bool = False,
+    section: TrainingConfig | None = None,
 ) -> dict[str, Any]:
     """Train (resuming if a checkpoint exists), evaluate, save the model to `out`, and return
     the metrics every training stage reports. The log history is saved for loss curves.
@@ -107,6 +113,7 @@ def run_trainer(
     hf_logging.disable_progress_bar()
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressCallback logs them
     trainer.add_callback(ProgressCallback(stage))
+    guard = guard_training(trainer, stage, section)  # non-finite loss: abort or skip the step
     before = trainer.evaluate() if eval_before and trainer.eval_dataset is not None else {}
     resume, start = last_checkpoint(work)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -122,6 +129,7 @@ def run_trainer(
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
         "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
+        **guard.metrics(),
     }
     if "eval_loss" in final_eval:
         metrics["eval_loss"] = round(final_eval["eval_loss"], 5)
@@ -140,4 +148,5 @@ NOT_IN_KEY = {"logging_steps", "save_steps", "save_total_limit"}
 
 def training_key_config(section: TrainingConfig, seed: int) -> dict[str, Any]:
     """The part of a training section that determines the result (for the stage key)."""
-    return section.model_dump(mode="json", exclude=NOT_IN_KEY) | {"seed": seed}
+    exclude = NOT_IN_KEY | not_in_key(section)
+    return section.model_dump(mode="json", exclude=exclude) | {"seed": seed}
