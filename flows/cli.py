@@ -50,7 +50,8 @@ class _OneLineUsageErrors(typer.core.TyperGroup):
             code = getattr(exc, "exit_code", 2)
             if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help
                 ctx = getattr(exc, "ctx", None)
-                where = f"{ctx.command_path}: " if ctx else ""
+                # `fasttrack run`, also under `python -m flows.cli` or a test runner
+                where = " ".join(["fasttrack", *ctx.command_path.split()[1:]]) + ": " if ctx else ""
                 line = escape(where + exc.format_message())
                 err.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
         sys.exit(code if isinstance(code, int) else 0)
