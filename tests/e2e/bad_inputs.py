@@ -67,15 +67,20 @@ def good_yaml(ctx: Ctx, **sections: Any) -> str:
     return yaml.safe_dump(tiny_config_dict(ctx.store, **sections), sort_keys=False)
 
 
-def data_case(name: str, content: str | bytes, fmt: str = "text"):
-    """A run of the data stage on one source file with this content."""
+def source_case(path_of: Callable[[Ctx], Path | str], fmt: str = "text"):
+    """A run of the data stage on one source (the culprit)."""
 
-    def make(ctx: Ctx) -> tuple[list[str], Path]:
-        path = _file(ctx, name, content)
+    def make(ctx: Ctx) -> tuple[list[str], Path | str]:
+        path = path_of(ctx)
         sources = [{"path": str(path), "format": fmt}]
         return _run(ctx, "--stages", "data", data={"sources": sources}), path
 
     return make
+
+
+def data_case(name: str, content: str | bytes, fmt: str = "text"):
+    """A run of the data stage on one source file with this content."""
+    return source_case(lambda ctx: _file(ctx, name, content), fmt)
 
 
 def model_case(change: Callable[[Path], Any], **model: Any):
@@ -216,16 +221,13 @@ CASES: list[Case] = [
          "report: no report of 'nope' in <file> (runs: none)"),
     # --- data files (found by the data stage, inside the flow) ------------------------------
     Case("data-missing-file", "data", "source file does not exist",
-         lambda c: (_run(c, "--stages", "data", data={"sources": [
-             {"path": str(c.tmp / "nope.jsonl"), "format": "text"}]}), c.tmp / "nope.jsonl"),
+         source_case(lambda c: c.tmp / "nope.jsonl"),
          "<file>: source file not found (resolved to <file>)", "data"),
     Case("data-unknown-demo", "data", "unknown `demo:` source",
-         lambda c: (_run(c, "--stages", "data", data={"sources": [
-             {"path": "demo:nope", "format": "text"}]}), "demo:nope"),
+         source_case(lambda c: "demo:nope"),
          "<file>: no such demo source (available: …)", "data"),
     Case("data-empty-dir", "data", "folder with no supported files",
-         lambda c: (_run(c, "--stages", "data", data={"sources": [
-             {"path": str(_docs_dir(c)), "format": "text"}]}), c.tmp / "docs"),
+         source_case(_docs_dir),
          "<file>: folder has no data files (…)", "data"),
     Case("data-empty-file", "data", "empty .jsonl", data_case("e.jsonl", ""),
          "<file>: file is empty", "data"),
@@ -296,6 +298,18 @@ CASES: list[Case] = [
 ]  # fmt: skip
 
 
+# Found while training (tests/e2e/test_nan_guard.py poisons one batch's loss).
+NAN_CASE = Case(
+    "train-nan-loss",
+    "training",
+    "a batch whose loss is NaN/inf (`nan_policy: abort`, default)",
+    lambda c: ([], "pretrain"),
+    "<file>: loss is nan at step <n>; nothing published. Lower <file>.learning_rate, check the "
+    "data, or set <file>.nan_policy: skip",
+    "pretrain",
+)
+
+
 def render_doc() -> str:
     """docs/errors.md: the table of bad inputs, their one-line errors and exit codes."""
     lines = [
@@ -316,6 +330,17 @@ def render_doc() -> str:
     for case in CASES:
         shape = case.shape.replace("|", "\\|")
         lines.append(f"| `{case.id}` | {case.group}: {case.input} | `{shape}` | 2 |")
+    lines += [
+        "",
+        "During training (pretrain, SFT, DPO), a non-finite loss or gradient stops the stage",
+        "before the optimizer applies it; `<file>` is the stage. With `nan_policy: skip` the",
+        "step is skipped instead (no weight update) up to `max_skipped_steps` times, and the",
+        "manifest's metrics count `skipped_steps`.",
+        "",
+        "| id | input | message (`error: …`) | exit |",
+        "|---|---|---|---|",
+        f"| `{NAN_CASE.id}` | {NAN_CASE.group}: {NAN_CASE.input} | `{NAN_CASE.shape}` | 2 |",
+    ]
     return "\n".join(lines) + "\n"
 
 
