@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here, no noise
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -25,15 +25,45 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
 import typer  # noqa: E402
+import typer.core  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from tasks.errors import FastTrackError  # noqa: E402
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
 console = Console()
 err = Console(stderr=True)
+
+
+class _OneLineUsageErrors(typer.core.TyperGroup):
+    """Usage errors (unknown option or command, missing argument) as one `error:` line like
+    every other user error, instead of typer's usage + help hint + boxed panel."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            code = 1
+        except typer.TyperException as exc:  # typer's (vendored) click usage errors
+            code = getattr(exc, "exit_code", 2)
+            if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help
+                ctx = getattr(exc, "ctx", None)
+                # `fasttrack run`, also under `python -m flows.cli` or a test runner
+                where = " ".join(["fasttrack", *ctx.command_path.split()[1:]]) + ": " if ctx else ""
+                line = escape(where + exc.format_message())
+                err.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(
+    cls=_OneLineUsageErrors,
+    add_completion=False,
+    no_args_is_help=True,
+    help=__doc__.split("\n")[0],
+)
 
 
 def _split(values: list[str] | None) -> list[str]:

@@ -15,6 +15,7 @@ import torch
 
 from tasks.config import LoraConfig, QuantizationConfig, RunConfig
 from tasks.errors import ModelError
+from tasks.hub import hub_kwargs, weights_kwargs
 from tasks.models import fix_tokenizer, load_tokenizer, model_source, pick_device
 from tasks.stage import get_logger
 from tasks.store import ArtifactRef
@@ -92,13 +93,9 @@ def load_for_training(cfg: RunConfig, model_ref: ArtifactRef) -> tuple[Any, Any,
         )
     bnb, used = quantization(cfg.sft.quantization)
     device = pick_device()
-    kwargs: dict[str, Any] = {
-        "revision": revision,
-        "trust_remote_code": cfg.model.trust_remote_code,
-    }
+    kwargs = hub_kwargs(cfg, revision) | weights_kwargs(cfg)
     model = AutoModelForCausalLM.from_pretrained(
         name,
-        use_safetensors=True,
         dtype=compute_dtype(cfg.sft.quantization),  # bf16 base on capable CUDA, fp32 on CPU
         quantization_config=bnb,
         device_map={"": device} if bnb else None,

@@ -82,6 +82,12 @@ class DataConfig(Section):
     clean: CleanConfig = CleanConfig()
     split: SplitConfig = SplitConfig()
     encoding: str = "utf-8"
+    max_record_chars: int | None = Field(
+        1_000_000,
+        gt=0,
+        description="A longer record (JSONL line, CSV row, text file) is an error, not a silent "
+        "multi-GB cleaning job; null = no limit. Not part of the key.",
+    )
 
 
 class TokenizerConfig(Section):
@@ -117,7 +123,14 @@ class ModelConfig(Section):
         "scratch", description="`scratch`, a hub id (`owner/name`) or a local model directory."
     )
     revision: str | None = None
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with a hub model (only for repos you trust)."
+    )
+    allow_pickle: bool = Field(
+        False,
+        description="Also load pickle checkpoints (pytorch_model.bin), which can run code on "
+        "load; default: safetensors only.",
+    )
     chat_template: str | None = Field(None, description="Jinja chat template override.")
     tokenizer: TokenizerConfig = TokenizerConfig()
     architecture: ArchitectureConfig = ArchitectureConfig()
@@ -144,6 +157,12 @@ class TrainingConfig(Section):
     timeout_minutes: float | None = Field(
         None, gt=0, description="Stop the stage after this long (checkpoints are kept)."
     )
+    nan_policy: Literal["abort", "skip"] = Field(
+        "abort",
+        description="A non-finite loss or gradient: abort the stage (nothing published), or "
+        "skip that optimizer step (no weight update) up to max_skipped_steps times.",
+    )
+    max_skipped_steps: int = Field(10, ge=1, description="nan_policy skip: abort after this many.")
 
 
 class PretrainConfig(TrainingConfig):
@@ -319,6 +338,11 @@ class RunConfig(Section):
     name: str = "run"
     seed: int = 42
     store: StoreConfig = StoreConfig()
+    hf_token_secret: str | None = Field(
+        None,
+        description="Name of a Prefect Secret block holding the Hugging Face token (default: "
+        "the HF_TOKEN environment variable). The token itself never goes into a config.",
+    )
     model: ModelConfig = ModelConfig()
     data: DataConfig
     pretrain: PretrainConfig = PretrainConfig()
@@ -350,12 +374,20 @@ class RunConfig(Section):
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load and validate a run config; raise ConfigError naming file, line and field."""
     path = Path(path) if path else DEFAULT_CONFIG
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: not valid UTF-8 ({exc.reason}); save it as UTF-8"
+        ) from None
     try:
         raw = yaml.safe_load(text)
-        lines = _line_index(yaml.compose(text))
+        lines = _line_index(yaml.compose(text), path)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -438,17 +470,25 @@ def _allowed_keys(loc: tuple[str, ...]) -> list[str]:
     return sorted(model.model_fields)
 
 
-def _line_index(node: yaml.Node | None, loc: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
-    """Map each key path of a YAML document to its 1-based line number."""
+def _line_index(
+    node: yaml.Node | None, path: Path, loc: tuple[str, ...] = ()
+) -> dict[tuple[str, ...], int]:
+    """Map each key path of a YAML document to its 1-based line number. A key given twice is an
+    error: YAML keeps the last silently, so a repeated section would drop the first one."""
     lines: dict[tuple[str, ...], int] = {}
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             sub = (*loc, str(key.value))
+            if sub in lines:
+                raise ConfigError(
+                    f"{path}:{key.start_mark.line + 1}: {'.'.join(sub)}: duplicate key "
+                    f"(first given at line {lines[sub]})"
+                )
             lines[sub] = key.start_mark.line + 1
-            lines.update(_line_index(value, sub))
+            lines.update(_line_index(value, path, sub))
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             sub = (*loc, str(i))
             lines[sub] = item.start_mark.line + 1
-            lines.update(_line_index(item, sub))
+            lines.update(_line_index(item, path, sub))
     return lines

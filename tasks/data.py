@@ -26,6 +26,7 @@ from tasks.cleaning import (
 )
 from tasks.config import CleanConfig, RunConfig
 from tasks.errors import DataError
+from tasks.hub import hf_token
 from tasks.sources import content_hash, load_source
 from tasks.stage import BuildResult, StageSpec, run_stage, stage_task
 from tasks.store import ArtifactRef, ArtifactStore
@@ -45,7 +46,8 @@ def text_of(kind: str) -> Callable[[dict], str]:
 
 def data_spec(cfg: RunConfig) -> StageSpec:
     inputs = {f"source{i}": content_hash(src) for i, src in enumerate(cfg.data.sources)}
-    return StageSpec("data", VERSION, cfg.data.model_dump(mode="json"), inputs=inputs)
+    config = cfg.data.model_dump(mode="json", exclude={"max_record_chars"})  # rejects, never alters
+    return StageSpec("data", VERSION, config, inputs=inputs)
 
 
 def normalize_row(row: dict, clean: CleanConfig) -> dict:
@@ -105,7 +107,7 @@ def clean_kind(kind: str, rows: list[dict], cfg: RunConfig) -> tuple[list[dict],
 def build_data(cfg: RunConfig, out: Path) -> BuildResult:
     by_kind: dict[str, list[dict]] = {}
     for src in cfg.data.sources:
-        kind, rows = load_source(src, cfg.data.encoding)
+        kind, rows = load_source(src, cfg.data.encoding, cfg.data.max_record_chars, hf_token(cfg))
         by_kind.setdefault(kind, []).extend(rows)
     metrics: dict[str, Any] = {}
     stats_out: dict[str, Any] = {}

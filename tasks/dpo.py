@@ -192,7 +192,7 @@ def build_dpo(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     before_pref = preference_accuracy(policy, tok, splits["validation"], max_len)
     trainer = _trainer(cfg, policy, tok, joined, work)
     before = trainable_snapshot(trainer.model)
-    metrics = run_trainer(trainer, "dpo", work, out)
+    metrics = run_trainer(trainer, "dpo", work, out, section=cfg.dpo)
     tok.save_pretrained(out)
     after_pref = preference_accuracy(trainer.model, tok, splits["validation"], max_len)
     metrics |= {

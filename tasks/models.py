@@ -17,6 +17,7 @@ import torch
 
 from tasks.config import RunConfig
 from tasks.errors import ModelError
+from tasks.hub import check_model_dir, hub_kwargs, load_error, weights_kwargs
 from tasks.stage import BuildResult, StageSpec, run_stage, stage_task
 from tasks.store import ArtifactRef, ArtifactStore, sha256_file
 
@@ -81,8 +82,7 @@ def base_spec(cfg: RunConfig, data: ArtifactRef | None = None) -> StageSpec:
         return StageSpec("base", VERSION, config | {"seed": cfg.seed}, upstream={"data": data})
     if is_local_path(name):
         path = Path(name).expanduser()
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model.name_or_path: {name}: not a model directory (no config.json)")
+        check_model_dir(path, m.allow_pickle)
         return StageSpec("base", VERSION, config, inputs={"model_dir": fingerprint_dir(path)})
     return StageSpec("base", VERSION, config, inputs={"hub": f"{name}@{m.revision or 'main'}"})
 
@@ -172,25 +172,28 @@ def load_pretrained(
 
     `dtype` defaults to the inference dtype (bf16 on capable CUDA); training passes float32 and
     lets the Trainer's autocast do mixed precision."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {"revision": revision, "trust_remote_code": cfg.model.trust_remote_code}
+    adapter = (Path(name) / "adapter_config.json").is_file()  # an SFT/DPO adapter artifact
+    if is_local_path(name) and not adapter:
+        check_model_dir(Path(name).expanduser(), cfg.model.allow_pickle)
+    kwargs = hub_kwargs(cfg, revision) | weights_kwargs(cfg)
     try:
-        tok = AutoTokenizer.from_pretrained(name, **kwargs)
-        if (Path(name) / "adapter_config.json").is_file():  # an SFT/DPO adapter artifact
+        tok = AutoTokenizer.from_pretrained(name, **hub_kwargs(cfg, revision))
+        if adapter:
             from peft import AutoPeftModelForCausalLM
 
             peft_model = AutoPeftModelForCausalLM.from_pretrained(
-                name, use_safetensors=True, dtype=dtype or pick_dtype(), **kwargs
+                name, dtype=dtype or pick_dtype(), **kwargs
             )
             model = peft_model.merge_and_unload()  # plain weights: faster eval/generation
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                name, use_safetensors=True, dtype=dtype or pick_dtype(), **kwargs
+                name, dtype=dtype or pick_dtype(), **kwargs
             )
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"model.name_or_path: cannot load {name!r}: {first}") from None
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise load_error(name, exc) from None
     fix_tokenizer(tok, model.config, template)
     return model, tok
 
@@ -228,13 +231,12 @@ def load_tokenizer(cfg: RunConfig, ref: ArtifactRef):
     from transformers import AutoConfig, AutoTokenizer
 
     name, revision, template = model_source(cfg, ref)
-    kwargs = {"revision": revision, "trust_remote_code": cfg.model.trust_remote_code}
+    kwargs = hub_kwargs(cfg, revision)
     try:
         tok = AutoTokenizer.from_pretrained(name, **kwargs)
         config = AutoConfig.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"model.name_or_path: cannot load {name!r}: {first}") from None
+        raise load_error(name, exc) from None
     fix_tokenizer(tok, config, template)
     return tok, config
 

@@ -43,6 +43,7 @@ import torch
 from tasks.adapters import matches_target
 from tasks.config import LoraConfig, RunConfig, TrainingConfig
 from tasks.errors import ModelError
+from tasks.hub import hub_kwargs, load_error
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -65,14 +66,9 @@ def model_config(cfg: RunConfig) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(
-            m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code
-        )
+        return AutoConfig.from_pretrained(m.name_or_path, **hub_kwargs(cfg, m.revision))
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"model.name_or_path: cannot load the config of {m.name_or_path!r}: {first}"
-        ) from None
+        raise load_error(m.name_or_path, exc) from None
 
 
 @dataclass(frozen=True)

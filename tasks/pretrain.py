@@ -59,7 +59,7 @@ def build_pretrain(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         eval_dataset=val if len(val) else None,
         data_collator=collate_blocks,
     )
-    metrics = run_trainer(trainer, "pretrain", work, out)
+    metrics = run_trainer(trainer, "pretrain", work, out, section=cfg.pretrain)
     tok.save_pretrained(out)
     p = cfg.pretrain
     tokens = (

@@ -86,7 +86,7 @@ def build_sft(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     work = store.work_dir("sft", spec.key)
     trainer = sft_trainer(cfg, model, tok, train, val, work)
     before = trainable_snapshot(trainer.model)
-    metrics = run_trainer(trainer, "sft", work, out, eval_before=True)
+    metrics = run_trainer(trainer, "sft", work, out, eval_before=True, section=cfg.sft)
     tok.save_pretrained(out)
     unchanged = unchanged_tensors(trainer.model, before)
     trainable = sum(t.numel() for t in before.values())

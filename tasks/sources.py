@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,11 +82,18 @@ def content_hash(src: SourceConfig) -> str:
     return h.hexdigest()
 
 
-def read_rows(src: SourceConfig, encoding: str = "utf-8") -> Iterator[tuple[str, Row]]:
-    """Yield (location, raw row) for every row of a source; location names file and line."""
+def read_rows(
+    src: SourceConfig,
+    encoding: str = "utf-8",
+    max_chars: int | None = None,
+    token: str | None = None,
+) -> Iterator[tuple[str, Row]]:
+    """Yield (location, raw row) for every row of a source; location names file and line.
+    `max_chars` bounds what is read for one record (a JSONL line, a text file) before it is
+    parsed, so a runaway record fails fast instead of exhausting memory."""
     scheme, loc = resolve(src)
     if scheme != "file":
-        yield from _read_hf(src, scheme, loc)
+        yield from _read_hf(src, scheme, loc, token)
         return
     for path in source_files(Path(loc)):
         suffix = path.suffix.lower()
@@ -93,7 +101,7 @@ def read_rows(src: SourceConfig, encoding: str = "utf-8") -> Iterator[tuple[str,
             if path.stat().st_size == 0:
                 raise DataError(f"{path}: file is empty")
             if suffix in (".jsonl", ".ndjson"):
-                yield from _read_jsonl(path, encoding)
+                yield from _read_jsonl(path, encoding, max_chars)
             elif suffix == ".json":
                 yield from _read_json(path, encoding)
             elif suffix in (".csv", ".tsv"):
@@ -101,20 +109,53 @@ def read_rows(src: SourceConfig, encoding: str = "utf-8") -> Iterator[tuple[str,
             elif suffix == ".parquet":
                 yield from _read_parquet(path)
             else:
+                if max_chars and path.stat().st_size > 4 * max_chars:  # > max_chars characters
+                    raise DataError(too_long(str(path), max_chars))
                 yield str(path), {"text": path.read_text(encoding=encoding), "title": path.stem}
         except UnicodeDecodeError as exc:
-            raise DataError(
-                f"{path}: not valid {encoding} (byte {exc.start}: {exc.reason}); "
-                "set data.encoding or re-encode the file"
-            ) from None
+            raise DataError(decode_error(path, encoding, exc)) from None
 
 
-def _read_jsonl(path: Path, encoding: str) -> Iterator[tuple[str, Row]]:
-    with open(path, encoding=encoding) as f:
-        for lineno, line in enumerate(f, 1):
+def too_long(where: str, max_chars: int) -> str:
+    return (
+        f"{where}: record longer than data.max_record_chars ({max_chars:,} characters); "
+        "split it, or raise the limit (null = none)"
+    )
+
+
+def decode_error(path: Path, encoding: str, exc: UnicodeDecodeError) -> str:
+    """`file:line: not valid <enc> ...`: the line of the first undecodable byte, and a hint when
+    the file starts with a UTF-16 byte-order mark (Windows tools write those)."""
+    head = path.read_bytes()[:2] if path.stat().st_size else b""
+    if head in (b"\xff\xfe", b"\xfe\xff") and not encoding.lower().startswith("utf-16"):
+        return f"{path}: UTF-16 text (byte-order mark), not {encoding}; set data.encoding: utf-16"
+    with open(path, "rb") as f:  # the decoder works on chunks: find the line ourselves
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode(encoding)
+            except UnicodeDecodeError as line_exc:
+                return (
+                    f"{path}:{lineno}: not valid {encoding} (byte {line_exc.start + 1} of the "
+                    f"line: {line_exc.reason}); set data.encoding or re-encode the file"
+                )
+    return f"{path}: not valid {encoding} ({exc.reason}); set data.encoding or re-encode the file"
+
+
+def _bom_ok(encoding: str) -> str:
+    """Editors on Windows start UTF-8 files with a byte-order mark; accept it, as pandas does."""
+    return "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+
+
+def _read_jsonl(path: Path, encoding: str, max_chars: int | None) -> Iterator[tuple[str, Row]]:
+    with open(path, encoding=_bom_ok(encoding)) as f:
+        lineno = 0
+        while line := f.readline(max_chars + 1 if max_chars else -1):
+            lineno += 1
+            where = f"{path}:{lineno}"
+            if max_chars and len(line) > max_chars:
+                raise DataError(too_long(where, max_chars))
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -128,7 +169,7 @@ def _read_jsonl(path: Path, encoding: str) -> Iterator[tuple[str, Row]]:
 
 def _read_json(path: Path, encoding: str) -> Iterator[tuple[str, Row]]:
     try:
-        data = json.loads(path.read_text(encoding=encoding))
+        data = json.loads(path.read_text(encoding=_bom_ok(encoding)))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
     if not isinstance(data, list):
@@ -145,7 +186,10 @@ def _read_csv(path: Path, encoding: str, sep: str) -> Iterator[tuple[str, Row]]:
     try:
         frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding=encoding)
     except pd.errors.ParserError as exc:
-        raise DataError(f"{path}: malformed CSV: {str(exc).strip()}") from None
+        msg = str(exc).strip().removeprefix("Error tokenizing data. C error: ")
+        line = re.search(r"\bline (\d+)", msg)
+        where = f"{path}:{line[1]}" if line else str(path)
+        raise DataError(f"{where}: malformed {path.suffix[1:].upper()}: {msg}") from None
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: file is empty") from None
     for i, row in enumerate(frame.to_dict(orient="records")):
@@ -163,7 +207,9 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Row]]:
         yield f"{path}: row {i}", row
 
 
-def _read_hf(src: SourceConfig, scheme: str, loc: Path | str) -> Iterator[tuple[str, Row]]:
+def _read_hf(
+    src: SourceConfig, scheme: str, loc: Path | str, token: str | None
+) -> Iterator[tuple[str, Row]]:
     import datasets
 
     split = hf_split(src)
@@ -172,20 +218,25 @@ def _read_hf(src: SourceConfig, scheme: str, loc: Path | str) -> Iterator[tuple[
             ds = datasets.load_from_disk(str(loc))
             ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
         else:
-            ds = datasets.load_dataset(str(loc), src.subset, split=split)
+            ds = datasets.load_dataset(str(loc), src.subset, split=split, token=token)
     except Exception as exc:
         raise DataError(f"{src.path}: cannot load dataset ({type(exc).__name__}: {exc})") from None
     for i, row in enumerate(ds):
         yield f"{src.path}: row {i}", row
 
 
-def load_source(src: SourceConfig, encoding: str = "utf-8") -> tuple[str, list[Row]]:
+def load_source(
+    src: SourceConfig,
+    encoding: str = "utf-8",
+    max_chars: int | None = None,
+    token: str | None = None,
+) -> tuple[str, list[Row]]:
     """(kind, canonical rows) of one source; raises DataError naming the culprit."""
     fields = FORMAT_FIELDS[src.format]
     column = {name: src.columns.get(name, name) for name in (*fields, *META_FIELDS)}
     convert = _CONVERTERS[src.format]
     rows = []
-    for where, raw in read_rows(src, encoding):
+    for where, raw in read_rows(src, encoding, max_chars, token):
         for name, required in fields.items():
             if required and column[name] not in raw:
                 mapped = f" (mapped from field {name})" if column[name] != name else ""
@@ -196,6 +247,8 @@ def load_source(src: SourceConfig, encoding: str = "utf-8") -> tuple[str, list[R
                 )
         get = {name: raw.get(column[name]) for name in (*fields, *META_FIELDS)}
         row = convert(get, where)
+        if max_chars and _chars(row) > max_chars:
+            raise DataError(too_long(where, max_chars))
         for meta in META_FIELDS:
             if get[meta] not in (None, ""):
                 row[meta] = str(get[meta])
@@ -205,6 +258,15 @@ def load_source(src: SourceConfig, encoding: str = "utf-8") -> tuple[str, list[R
     if not rows:
         raise DataError(f"{src.path}: no rows")
     return KIND_OF_FORMAT[src.format], rows
+
+
+def _chars(value: Any) -> int:
+    """Characters of text in a canonical row (strings in nested lists/dicts)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_chars(v) for v in value.values())
+    return sum(_chars(v) for v in value) if isinstance(value, list) else 0
 
 
 def _text(value: Any, where: str, name: str, optional: bool = False) -> str:

@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 from tasks.compute import launch_prefix
 from tasks.config import RunConfig, TrainingConfig
 from tasks.errors import ConfigError
+from tasks.guards import guard_training, not_in_key
 from tasks.isolation import finish_if_not_rank0, run_isolated
 from tasks.models import pick_device, pick_dtype
 from tasks.progress import ProgressReporter
@@ -138,7 +139,12 @@ def last_checkpoint(work: Path) -> tuple[str | None, int]:
 
 
 def run_trainer(
-    trainer: Any, stage: str, work: Path, out: Path, eval_before: bool = False
+    trainer: Any,
+    stage: str,
+    work: Path,
+    out: Path,
+    eval_before: bool = False,
+    section: TrainingConfig | None = None,
 ) -> dict[str, Any]:
     """Train (resuming if a checkpoint exists), evaluate, save the model to `out`, and return
     the metrics every training stage reports. The log history is saved for loss curves.
@@ -149,6 +155,7 @@ def run_trainer(
     hf_logging.disable_progress_bar()
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressCallback logs them
     trainer.add_callback(ProgressCallback(stage))
+    guard = guard_training(trainer, stage, section)  # non-finite loss: abort or skip the step
     resume, start = last_checkpoint(work)
     if eval_before and trainer.eval_dataset is not None and start == 0:
         # Evaluated inside train(), after the model is wrapped: a trainer.evaluate() before
@@ -169,6 +176,7 @@ def run_trainer(
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
         "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
+        **guard.metrics(),
     }
     if "eval_loss" in final_eval:
         metrics["eval_loss"] = round(final_eval["eval_loss"], 5)
@@ -205,4 +213,5 @@ def train_stage(cfg: RunConfig, stage: str, build: Callable[..., Any], *args: An
 
 def training_key_config(section: TrainingConfig, seed: int) -> dict[str, Any]:
     """The part of a training section that determines the result (for the stage key)."""
-    return section.model_dump(mode="json", exclude=NOT_IN_KEY) | {"seed": seed}
+    exclude = NOT_IN_KEY | not_in_key(section)
+    return section.model_dump(mode="json", exclude=exclude) | {"seed": seed}

@@ -92,6 +92,26 @@ def tiny_cfg(tiny_cfg_path: Path) -> RunConfig:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny local model dir (safetensors, tokenizer, chat template), as a user would point
+    `model.name_or_path` at; tests copy it before breaking it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tasks.models import CHAT_TEMPLATE, build_tokenizer
+
+    path = tmp_path_factory.mktemp("model") / "tiny"
+    tok = build_tokenizer(["one two three four five six"] * 20, 300, 1, CHAT_TEMPLATE)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                    max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+    )  # fmt: skip
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
     """One ephemeral Prefect API (SQLite in a temp PREFECT_HOME) for all tests that need it."""
     from prefect.testing.utilities import prefect_test_harness

@@ -197,7 +197,7 @@ def test_unknown_target_module_lists_linear_names(tmp_path: Path, llama7b_dir: P
 
 
 def test_missing_model_is_a_model_error(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match="cannot load the config"):
+    with pytest.raises(ModelError, match="cannot load .*no-such-model"):
         plan(make_cfg(tmp_path, tmp_path / "no-such-model"))
 
 

@@ -137,7 +137,7 @@ def test_csv_tsv_parquet_json_txt_and_folders(tmp_path: Path) -> None:
 def test_ragged_csv_row(tmp_path: Path) -> None:
     path = tmp_path / "a.csv"
     path.write_text("prompt,completion\nQ,A\nQ,A,extra\n")
-    with pytest.raises(DataError, match=rf"{path}: malformed CSV: .*line 3"):
+    with pytest.raises(DataError, match=rf"{path}:3: malformed CSV: .*line 3"):
         load_source(src(path, "prompt_completion"))
 
 
@@ -159,7 +159,7 @@ def test_truncated_parquet(tmp_path: Path) -> None:
 def test_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "latin.jsonl"
     path.write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
-    with pytest.raises(DataError, match=rf"{path}: not valid utf-8 \(byte 13"):
+    with pytest.raises(DataError, match=rf"{path}:1: not valid utf-8 \(byte 14 of the line"):
         load_source(src(path, "text"))
     assert load_source(src(path, "text"), encoding="latin-1")[1][0]["text"] == "caf\u00e9"
 

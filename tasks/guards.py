@@ -1,0 +1,117 @@
+"""Non-finite loss guard for every training stage (pretrain, SFT, DPO).
+
+A NaN/inf loss silently poisons the weights: the Trainer's `logging_nan_inf_filter` only hides it
+from the logged average, and AdamW then writes NaN into every parameter. The guard watches each
+micro-batch's loss (by wrapping `trainer.training_step`, the Trainer's documented override
+point) and the gradients just before each optimizer step (`on_pre_optimizer_step`), then:
+
+- `nan_policy: abort` (default): raise `TrainingError` naming the stage and the step. The stage's
+  build fails inside its staging dir, so nothing is published.
+- `nan_policy: skip`: make that optimizer step a no-op (gradients set to None, so torch optimizers
+  skip every parameter: no update, no moment or weight-decay change), count it, and abort once
+  more than `max_skipped_steps` steps were skipped. With fp16 the GradScaler already skips steps
+  whose gradients overflowed (that is normal for it), so only the loss is checked and counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from tasks.config import TrainingConfig
+from tasks.errors import FastTrackError
+from tasks.stage import get_logger
+
+GUARD_FIELDS = {"nan_policy", "max_skipped_steps"}
+
+
+class TrainingError(FastTrackError):
+    """Training diverged (non-finite loss or gradients): a config/data problem, not a retry."""
+
+
+def not_in_key(section: TrainingConfig) -> set[str]:
+    """Guard knobs that cannot change a published result: with `abort` a run either matches one
+    without the guard or publishes nothing, so existing keys stay valid. `skip` can publish
+    weights that missed some steps, so then the knobs are part of the key."""
+    return GUARD_FIELDS if section.nan_policy == "abort" else set()
+
+
+class LossGuard(TrainerCallback):
+    """Watches losses and gradients of one trainer; see the module docstring. Losses stay on
+    the device until the optimizer step: one sync per step, not one per micro-batch."""
+
+    def __init__(self, trainer: Any, stage: str, policy: str = "abort", max_skipped: int = 10):
+        self.trainer, self.stage = trainer, stage
+        self.policy, self.max_skipped = policy, max_skipped
+        self.skipped: list[int] = []  # optimizer steps (1-based) that made no update
+        self.losses: list[torch.Tensor] = []  # micro-batch losses of the current step
+        self.log = get_logger()
+
+    def wrap(self, training_step: Any) -> Any:
+        def guarded(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+            loss = training_step(model, inputs, *args, **kwargs)
+            self.losses.append(loss.detach())
+            return loss
+
+        return guarded
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        losses, self.losses = self.losses, []
+        scaler = getattr(self.trainer.accelerator, "scaler", None)
+        grads = [] if scaler is not None else gradients(optimizer)  # fp16: the scaler's job
+        if all_finite(losses + grads):
+            return
+        bad = next((float(x.float().mean()) for x in losses if not all_finite([x])), None)
+        problem = f"loss is {bad}" if bad is not None else "gradients are not finite"
+        if self.policy == "abort":
+            raise self._error(problem)
+        self.skipped.append(self._step())
+        if len(self.skipped) > self.max_skipped:
+            raise self._error(
+                f"{problem}; {len(self.skipped)} steps skipped, over max_skipped_steps "
+                f"({self.max_skipped})"
+            )
+        if scaler is None:  # the GradScaler skips non-finite steps itself
+            optimizer.zero_grad(set_to_none=True)
+        self.log.warning("%s: step %d skipped (%s)", self.stage, self._step(), problem)
+
+    def _step(self) -> int:
+        return self.trainer.state.global_step + 1
+
+    def _error(self, problem: str) -> TrainingError:
+        return TrainingError(
+            f"{self.stage}: {problem} at step {self._step()}; nothing published. Lower "
+            f"{self.stage}.learning_rate, check the data, or set {self.stage}.nan_policy: skip"
+        )
+
+    def metrics(self) -> dict[str, Any]:
+        return {"skipped_steps": len(self.skipped)} if self.policy == "skip" else {}
+
+
+def gradients(optimizer: Any) -> list[torch.Tensor]:
+    """The gradients the optimizer is about to apply."""
+    return [
+        p.grad.detach()
+        for group in getattr(optimizer, "param_groups", [])
+        for p in group["params"]
+        if p.grad is not None
+    ]
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Every element of every tensor is finite, with a single device sync."""
+    if not tensors:
+        return True
+    device = tensors[0].device
+    return bool(torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all())
+
+
+def guard_training(trainer: Any, stage: str, section: TrainingConfig | None = None) -> LossGuard:
+    """Install the guard on a HF/TRL trainer; the default (no section) is abort."""
+    policy = section.nan_policy if section else "abort"
+    guard = LossGuard(trainer, stage, policy, section.max_skipped_steps if section else 10)
+    trainer.training_step = guard.wrap(trainer.training_step)
+    trainer.add_callback(guard)
+    return guard
