@@ -6,7 +6,6 @@ published twice, and a re-run finishes correctly.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -23,6 +22,7 @@ from flows.pipeline import PipelineParams, pipeline
 from tasks.config import load_config
 from tasks.store import ArtifactStore
 from tasks.training import checkpoint_complete
+from tests.conftest import disk_full_on_publish
 from tests.e2e.storecheck import (
     assert_consistent,
     assert_not_republished,
@@ -131,25 +131,17 @@ def test_builder_raising_half_way_publishes_nothing(
     assert_consistent(store)
 
 
-def test_disk_full_while_publishing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_while_publishing(tmp_path: Path) -> None:
     """ENOSPC when the manifest is flushed: one error line, exit 2, nothing published."""
     cfg_path = fault_config(tmp_path)
     store = ArtifactStore(load_config(cfg_path).store)
-    real_fsync = os.fsync
-
-    def full(fd: int) -> None:
-        if "/tmp/pub-" in os.readlink(f"/proc/self/fd/{fd}"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", full)
-    result = CliRunner().invoke(app, ["run", str(cfg_path), "--stages", "data"])
+    with disk_full_on_publish():
+        result = CliRunner().invoke(app, ["run", str(cfg_path), "--stages", "data"])
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.exit_code == 2 and len(errors) == 1, result.output
     assert "no space left on device" in errors[0] and "nothing was published" in errors[0]
     assert "Traceback" not in result.output
     assert store.manifests() == [] and list((store.scratch / "tmp").iterdir()) == []
-    monkeypatch.setattr(os, "fsync", real_fsync)
     assert pipeline(_data_params(cfg_path)).executed == ["data"]
     assert_consistent(store)
 

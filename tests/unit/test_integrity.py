@@ -1,9 +1,7 @@
 """Corrupt artifacts are found on lookup, quarantined (never deleted) and rebuilt; stamps save
 re-hashing only for files nobody touched; a full disk is one clear error and leaves nothing."""
 
-import errno
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ from tasks import integrity
 from tasks.errors import StoreError
 from tasks.stage import BuildResult, StageSpec, run_stage
 from tasks.store import ArtifactStore
+from tests.conftest import disk_full_on_publish
 
 SPEC = StageSpec("demo", "1", {"n": 1})
 
@@ -123,22 +122,11 @@ def test_quarantine_never_moves_a_rebuilt_artifact(tmp_path: Path) -> None:
     assert integrity.quarantine(store, "demo", SPEC.key, ["again"]) is None  # already gone
 
 
-def test_disk_full_while_publishing_is_one_clear_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_disk_full_while_publishing_is_one_clear_error(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path / "s")
-    real_fsync = os.fsync
-
-    def full(fd: int) -> None:
-        if "/tmp/pub-" in os.readlink(f"/proc/self/fd/{fd}"):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", full)
-    with pytest.raises(StoreError, match=r"demo [0-9a-f]{12}: no space left on device"):
+    with disk_full_on_publish(), pytest.raises(StoreError, match=r"demo \w{12}: no space left"):
         run_stage(store, SPEC, _build)
     assert store.manifests() == [] and not (tmp_path / "s" / "demo").exists()
     assert list((tmp_path / "s" / "tmp").iterdir()) == []
-    monkeypatch.setattr(os, "fsync", real_fsync)
     assert not run_stage(store, SPEC, _build).reused
     assert store.verify("demo", SPEC.key) == []
