@@ -7,6 +7,8 @@
     fasttrack report [RUN|latest] [--store artifacts]   # re-print a past run's report
     fasttrack ls [--store artifacts]
     fasttrack deploy | worker --queue gpu | zombies   # scheduled runs on a Prefect server
+    fasttrack verify [--store artifacts] [--no-quarantine]   # re-hash every artifact
+    fasttrack gc --older-than 7d [--dry-run] [--store artifacts]
 
 Without PREFECT_API_URL the flow runs on Prefect's ephemeral local API; with a server set, the
 same command shows up in the Prefect UI.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here, no noise
@@ -125,6 +128,7 @@ def run(
     from flows.progress_view import training_progress
 
     try:
+        start_ephemeral_api()
         with training_progress(err):
             summary = pipeline(params)
     except FastTrackError as exc:
@@ -299,6 +303,81 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}"
         n /= 1024
     return f"{n:.1f} TB"
+
+
+def start_ephemeral_api() -> None:
+    """Start Prefect's ephemeral API server (no PREFECT_API_URL) holding a lock in PREFECT_HOME.
+
+    Each process without a server starts its own ephemeral API on the SQLite DB in PREFECT_HOME,
+    and the server migrates the DB on startup: two `fasttrack run`s started together race on
+    that migration (e.g. "duplicate column name", a server that dies and a run that hangs or
+    fails). Holding a file lock from start until the server answers /health serialises the
+    migrations; the second server then finds the schema current. Prefect reuses this server
+    instance for the flow run (it is a per-process singleton).
+    """
+    from filelock import FileLock
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+
+    if PREFECT_API_URL.value():
+        return
+    home = Path(PREFECT_HOME.value()).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(home / "fasttrack-ephemeral-start.lock")):
+        SubprocessASGIServer().start()
+
+
+@app.command()
+def verify(
+    store: Annotated[str, typer.Option(help="Store path or fsspec URL")] = "artifacts",
+    quarantine: Annotated[
+        bool, typer.Option(help="Move corrupt artifacts under <store>/quarantine/ (default)")
+    ] = True,
+) -> None:
+    """Re-hash every file of every artifact; exit 1 if any is corrupt.
+
+    Corrupt artifacts are quarantined by default: a move (never a delete) that any run would do
+    on its next lookup anyway, and that stops other readers (ask, report, another host) from
+    using bad bytes. `--no-quarantine` only reports.
+    """
+    from tasks.store import ArtifactStore
+    from tasks.store_admin import verify_all
+
+    checked, findings = verify_all(ArtifactStore(store), fix=quarantine)
+    for f in findings:
+        where = f" -> quarantined to {f.quarantined_to}" if f.quarantined_to else ""
+        err.print(f"[bold red]corrupt:[/] {f.stage}/{f.key}: {escape('; '.join(f.problems))}"
+                  f"{escape(where)}", highlight=False, soft_wrap=True)  # fmt: skip
+    console.print(f"verified {checked} artifact(s) in {store}: {len(findings)} corrupt")
+    if findings:
+        raise typer.Exit(1)
+
+
+@app.command("gc")
+def collect_garbage(
+    older_than: Annotated[str, typer.Option(help="Age, e.g. 7d, 12h, 30m")] = "7d",
+    dry_run: Annotated[bool, typer.Option(help="Only list what would be removed")] = False,
+    store: Annotated[str, typer.Option(help="Store path or fsspec URL")] = "artifacts",
+) -> None:
+    """Remove unreferenced artifacts not used for --older-than (see tasks/store_admin.py):
+    promoted models, each run's newest report and their upstream artifacts are always kept."""
+    from tasks.store import ArtifactStore
+    from tasks.store_admin import gc, parse_age
+
+    try:
+        age = parse_age(older_than)
+    except FastTrackError as exc:
+        _fail(exc)
+    result = gc(ArtifactStore(store), age, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for stage, key, size in result.removed:
+        console.print(f"{verb} {stage}/{key} ({_human(size)})")
+    for path in result.work_dirs:
+        console.print(f"{verb} work dir {path}")
+    for busy in result.busy:
+        console.print(f"skipped {busy}: in use (locked)")
+    console.print(f"{verb} {len(result.removed)} artifact(s), {_human(result.freed)}; "
+                  f"kept {result.kept} referenced")  # fmt: skip
 
 
 def main() -> None:  # pragma: no cover - console script entry

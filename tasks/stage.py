@@ -9,6 +9,7 @@ artifact the store no longer holds.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import logging
@@ -24,8 +25,11 @@ from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.states import Completed
 
-from tasks.errors import FastTrackError
+from tasks.errors import FastTrackError, StoreError
+from tasks.integrity import checked_lookup
 from tasks.store import ArtifactRef, ArtifactStore, compute_key
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 @dataclass(frozen=True)
@@ -71,45 +75,63 @@ def run_stage(
 ) -> ArtifactRef:
     """Return the artifact for `spec`, building and publishing it only when the store lacks it."""
     log = get_logger()
-    if not force and (ref := store.lookup(spec.stage, spec.key)) is not None:
+    if not force and (ref := checked_lookup(store, spec.stage, spec.key)) is not None:
         log.info("%s: reusing %s", spec.stage, ref.short)
         return ref
     with store.lock(spec.stage, spec.key):
-        if not force and (ref := store.lookup(spec.stage, spec.key)) is not None:
+        # Re-checked under the lock: someone may have published meanwhile, and a corrupt
+        # artifact is quarantined here (never while another process may be rebuilding it).
+        ref = checked_lookup(store, spec.stage, spec.key, fix=True)
+        if not force and ref is not None:
             log.info("%s: %s was published meanwhile; reusing it", spec.stage, ref.short)
             return ref
         store.clean_tmp()
         started = time.time()
         log.info("%s: building %s", spec.stage, spec.key[:12])
-        with store.staging(spec.stage, spec.key) as out:
-            result = build(out)
-            finished = time.time()
-            ref = store.publish(
-                spec.stage,
-                spec.key,
-                out,
-                replace=force,
-                version=spec.version,
-                config=spec.config,
-                upstream={name: up.key for name, up in spec.upstream.items()},
-                inputs=spec.inputs,
-                metrics=result.metrics,
-                device=result.device or {"device": "cpu"},
-                timings={
-                    "started": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
-                    "seconds": round(finished - started, 3),
-                },
-                **result.extra,
-            )
+        try:
+            ref = _build_and_publish(store, spec, build, force, started)
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            raise StoreError(
+                f"{spec.stage} {spec.key[:12]}: no space left on device under {store.scratch} or "
+                f"{store.url} ({exc.strerror}); nothing was published: free space and re-run"
+            ) from exc
     shutil.rmtree(store.work_dir(spec.stage, spec.key), ignore_errors=True)  # checkpoints
-    log.info("%s: published %s in %.1fs", spec.stage, ref.short, finished - started)
+    log.info("%s: published %s in %.1fs", spec.stage, ref.short, time.time() - started)
     return ref
+
+
+def _build_and_publish(
+    store: ArtifactStore, spec: StageSpec, build: Build, force: bool, started: float
+) -> ArtifactRef:
+    with store.staging(spec.stage, spec.key) as out:
+        result = build(out)
+        finished = time.time()
+        return store.publish(
+            spec.stage,
+            spec.key,
+            out,
+            replace=force,
+            version=spec.version,
+            config=spec.config,
+            upstream={name: up.key for name, up in spec.upstream.items()},
+            inputs=spec.inputs,
+            metrics=result.metrics,
+            device=result.device or {"device": "cpu"},
+            timings={
+                "started": datetime.fromtimestamp(started, UTC).isoformat(timespec="seconds"),
+                "seconds": round(finished - started, 3),
+            },
+            **result.extra,
+        )
 
 
 class StoreCachePolicy(CachePolicy):
     """Prefect cache key = the artifact key *and* the identity of the published artifact.
 
-    Returns no key when the store lacks the complete artifact (so the task runs), and folds the
+    Returns no key when the store lacks an intact artifact (missing, incomplete or failing its
+    hashes, see tasks/integrity.py: so the task runs and quarantines it), and folds the
     manifest's `created_at`/host into the key so a republished artifact (forced, quarantined and
     rebuilt) can never be answered with an older Prefect result record.
     """
@@ -128,7 +150,7 @@ class StoreCachePolicy(CachePolicy):
             return None  # the task itself will raise the same error, cleanly
         store = ArtifactStore(args["cfg"].store)
         manifest = store.read_manifest(spec.stage, spec.key)
-        if manifest is None or store.lookup(spec.stage, spec.key) is None:
+        if manifest is None or checked_lookup(store, spec.stage, spec.key) is None:
             return None
         identity = f"{spec.key}:{manifest.get('created_at')}:{manifest.get('host')}"
         return f"fasttrack-{spec.stage}-{hashlib.sha256(identity.encode()).hexdigest()[:32]}"

@@ -35,7 +35,7 @@ from tasks.errors import StoreError
 MANIFEST = "manifest.json"
 _STAGE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
-_RESERVED = {"tmp", "work", "locks", "quarantine"}
+_RESERVED = {"tmp", "work", "locks", "quarantine", "verified"}
 _VERSIONED = ("torch", "transformers", "tokenizers", "datasets", "peft", "trl", "accelerate",
               "bitsandbytes", "prefect", "numpy", "pyarrow", "llm-fasttrack")  # fmt: skip
 
@@ -280,11 +280,15 @@ class ArtifactStore:
 
     def _publish_local(self, src: Path, final: str, manifest: dict, replace: bool) -> bool:
         tmp = self.scratch / "tmp" / f"pub-{uuid.uuid4().hex}"
-        shutil.copytree(src, tmp) if src.parent != tmp.parent else src.rename(tmp)
-        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            shutil.copytree(src, tmp) if src.parent != tmp.parent else src.rename(tmp)
+            with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+                json.dump(manifest, f, indent=2, sort_keys=True, default=str)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:  # e.g. disk full: leave no litter behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         Path(final).parent.mkdir(parents=True, exist_ok=True)
         trash = None
         if replace and os.path.exists(final):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +160,21 @@ def s3_url(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     bucket = f"fasttrack-{uuid.uuid4().hex[:12]}"
     fsspec.filesystem("s3", use_listings_cache=False).mkdir(bucket)
     return f"s3://{bucket}/artifacts"
+
+
+@contextmanager
+def disk_full_on_publish() -> Iterator[None]:
+    """ENOSPC from the fsync that flushes a manifest being published (`<store>/tmp/pub-*`), as
+    a full disk reports it; every other fsync works. Restored on exit."""
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if "/tmp/pub-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    os.fsync = fsync
+    try:
+        yield
+    finally:
+        os.fsync = real
