@@ -11,6 +11,7 @@ import sys
 from prefect import flow
 from pydantic import BaseModel, Field
 
+from tasks.compute import eval_runner
 from tasks.config import STAGES, RunConfig, load_config
 from tasks.data import data_task
 from tasks.dpo import dpo_ref_task, dpo_task
@@ -96,15 +97,18 @@ def pipeline(params: PipelineParams | None = None) -> RunSummary:
     table = []
     if "evaluate" in wanted:
         models = trained_models(cfg, models)
-        evals = {
-            m: run(evaluate_task, cfg, ref, data, label=f"evaluate:{m}")
-            for m, ref in models.items()
-        }
-        if rag and (newest := next((m for m in MODEL_ORDER if m in models), None)):
-            label = f"{newest}+rag"
-            evals[label] = run(
-                evaluate_task, cfg, models[newest], data, rag, label=f"evaluate:{label}"
-            )
+        with eval_runner(cfg.compute) as runner:  # threads, or Dask workers (compute.*)
+            pending = {
+                m: run.submit(evaluate_task, cfg, ref, data, label=f"evaluate:{m}", runner=runner)
+                for m, ref in models.items()
+            }
+            if rag and (newest := next((m for m in MODEL_ORDER if m in models), None)):
+                label = f"{newest}+rag"
+                pending[label] = run.submit(
+                    evaluate_task, cfg, models[newest], data, rag,
+                    label=f"evaluate:{label}", runner=runner,
+                )  # fmt: skip
+            evals = {m: run.collect(p) for m, p in pending.items()}
         table = metrics_table(evals)
         publish_table(table, cfg.name)
         publish_report(cfg, run(report_task, cfg, evals, models, rag))

@@ -5,6 +5,8 @@ what a stage computes (up to floating-point reduction order), so none of it is p
 artifact key: a model trained on 1 process is reused by a run that asks for 2.
 
 - `isolate`: train in a killable child process (tasks/isolation.py).
+- `task_runner`: model evaluations run on the flow's threads or on Dask workers (a
+  LocalCluster, or any scheduler address).
 - `num_processes > 1`: the child is started by `accelerate launch` (torchrun underneath), one
   rank per process; `strategy` ddp (every rank holds the model, gradients all-reduced) or fsdp
   (FSDP2 full shard, auto-wrapped per decoder layer, the full state dict gathered on save so the
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import socket
 import sys
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -34,12 +36,45 @@ class ComputeConfig(BaseModel):
     main_process_port: int | None = Field(
         None, ge=1024, le=65535, description="Rendezvous port (default: a free one)."
     )
+    task_runner: Literal["thread", "dask"] = Field(
+        "thread", description="Where model evaluations run: flow threads, or Dask workers."
+    )
+    eval_workers: int = Field(
+        1, ge=1, description="Evaluations at once (threads, or LocalCluster worker processes)."
+    )
+    dask_address: str | None = Field(
+        None, description="Dask scheduler (tcp://host:8786); default: a LocalCluster."
+    )
 
     @model_validator(mode="after")
     def _launcher_needs_isolation(self) -> ComputeConfig:
         if self.num_processes > 1 and not self.isolate:
             raise ValueError("num_processes > 1 needs isolate: true (ranks are child processes)")
         return self
+
+
+def eval_runner(compute: ComputeConfig) -> Any:
+    """The Prefect task runner evaluations fan out on (a context manager: it starts/stops it).
+
+    Dask: a `LocalCluster` of `eval_workers` single-threaded processes (torch in each, no GIL
+    contention), or the scheduler at `dask_address`; workers need this project installed.
+    """
+    if compute.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if compute.dask_address:
+            return DaskTaskRunner(address=compute.dask_address)
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": compute.eval_workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+            }
+        )
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=compute.eval_workers)
 
 
 def free_port() -> int:

@@ -6,6 +6,7 @@ Prefect/the store answered it from cache, and returns the ref.
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any, Literal
 
@@ -51,12 +52,17 @@ class StepRunner:
         state = task(*args, force=self._forced(task), return_state=True)
         return self._record(label or task.name, state, time.perf_counter() - started)
 
-    def submit(self, task: Any, *args: Any) -> Any:
-        """Start a step concurrently (Prefect's task runner); `collect` it later."""
+    def submit(self, task: Any, *args: Any, label: str | None = None, runner: Any = None) -> Any:
+        """Start a step concurrently; `collect` it later. `runner`: a started Prefect task
+        runner (e.g. Dask) to use instead of the flow's own."""
         started, finished = time.perf_counter(), []
-        future = task.submit(*args, force=self._forced(task))
+        if runner is None:
+            future = task.submit(*args, force=self._forced(task))
+        else:
+            bound = inspect.signature(task.fn).bind(*args, force=self._forced(task))
+            future = runner.submit(task, parameters=dict(bound.arguments))
         future.add_done_callback(lambda _: finished.append(time.perf_counter()))
-        return task.name, future, started, finished
+        return label or task.name, future, started, finished
 
     def collect(self, pending: Any) -> ArtifactRef:
         name, future, started, finished = pending
