@@ -8,10 +8,16 @@ token weighs the same: averaging per-window means would over-weight the short la
 the first token of the stream, so with ``stride < max_length`` (or a single window) exactly
 ``N - 1`` tokens are scored, each once. With ``stride == max_length`` and several windows the first
 token of each window has no context and cannot be scored, so ``tokens == N - windows``.
+
+Speed (same numbers as the one-window loop; benchmarks/eval_perplexity.py): windows of one shape
+are stacked with no padding (so no attention mask), the vocabulary projection and softmax run
+only on the scored positions (half the window at the default stride; for a small model they cost
+more than the decoder), and no KV cache is built.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -41,6 +47,66 @@ def _windows(n: int, max_length: int, stride: int) -> list[tuple[int, int, int]]
         if end == n:
             break
     return out
+
+
+def _shape_groups(windows: list[tuple[int, int, int]]) -> dict[tuple[int, int], list]:
+    """Windows keyed by (length, scored targets): each group stacks with no padding and one slice.
+
+    Only the first window (more targets) and the last one (shorter) differ from the rest, so
+    batches need no attention mask (the causal fast path, as in the one-window loop) and waste
+    no compute on pad tokens."""
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for begin, end, first in windows:
+        groups.setdefault((end - begin, end - first), []).append((begin, end))
+    return groups
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes ``name`` (a peft wrapper passing **kwargs to its base: if
+    the base does)."""
+    params = inspect.signature(model.forward).parameters
+    if name in params:
+        return True
+    base = getattr(model, "get_base_model", None)
+    forwards_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return callable(base) and forwards_kwargs and base() is not model and _accepts(base(), name)
+
+
+def _forward_kwargs(model: torch.nn.Module) -> dict[str, int | bool]:
+    """Checked once per call: no KV cache (a single forward never reads it back) and a
+    ``logits_to_keep`` slot, each only when the model's forward takes it."""
+    kwargs: dict[str, int | bool] = {}
+    if _accepts(model, "use_cache"):
+        kwargs["use_cache"] = False
+    if _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = 0  # set per batch by _last_logits
+    return kwargs
+
+
+def _last_logits(
+    model: torch.nn.Module, batch: torch.Tensor, keep: int, kwargs: dict[str, int | bool]
+) -> torch.Tensor:
+    """Logits of the last ``keep`` positions, (B, keep, V).
+
+    ``logits_to_keep`` makes the model's own forward slice the final hidden states before
+    ``lm_head``, so whatever it does after the decoder (tied embeddings, Gemma's final logit
+    softcapping, output scaling) still applies while the vocabulary projection and softmax run
+    only on the scored positions. Models without it (or ignoring it) get full logits, sliced.
+    """
+    if "logits_to_keep" in kwargs:
+        kwargs = {**kwargs, "logits_to_keep": keep}
+    logits = model(input_ids=batch, **kwargs).logits
+    return logits[:, -keep:] if logits.size(1) != keep else logits
+
+
+def _nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed token NLL in float64, one window at a time: the fp32 upcast of bf16 logits stays
+    one (T, V) slice, never the whole (B, T, V) batch."""
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for row, target in zip(logits, labels, strict=True):
+        nll = torch.nn.functional.cross_entropy(row.float(), target, reduction="none")
+        total += nll.double().sum()
+    return total
 
 
 def strided_perplexity(
@@ -83,27 +149,16 @@ def strided_perplexity(
     model.to(device)
     ids = input_ids.to(device=device, dtype=torch.long)
     windows = _windows(n, max_length, stride)
+    kwargs = _forward_kwargs(model)
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
     with torch.inference_mode():
-        for i in range(0, len(windows), batch_size):
-            chunk = windows[i : i + batch_size]
-            width = max(end - begin for begin, end, _ in chunk)
-            batch = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
-            attn = torch.zeros_like(batch)
-            target = torch.zeros((len(chunk), width), dtype=torch.bool, device=device)
-            for row, (begin, end, first) in enumerate(chunk):
-                batch[row, : end - begin] = ids[begin:end]
-                attn[row, : end - begin] = 1
-                target[row, first - begin : end - begin] = True
-            logits = model(input_ids=batch, attention_mask=attn).logits
-            # logits at position p predict token p + 1; select only the target positions.
-            mask = target[:, 1:]
-            picked = logits[:, :-1][mask].float()
-            labels = batch[:, 1:][mask]
-            logp = torch.log_softmax(picked, dim=-1).gather(-1, labels[:, None]).squeeze(-1)
-            nll_sum -= logp.double().sum()
-            tokens += int(mask.sum())
+        for (length, n_targets), group in _shape_groups(windows).items():
+            for i in range(0, len(group), batch_size):
+                batch = torch.stack([ids[begin:end] for begin, end in group[i : i + batch_size]])
+                logits = _last_logits(model, batch, n_targets + 1, kwargs)[:, :-1]
+                nll_sum += _nll_sum(logits, batch[:, length - n_targets :])
+                tokens += batch.size(0) * n_targets
     nll = float(nll_sum)
     bpb = None if text_bytes is None else nll / math.log(2) / text_bytes
     return PerplexityResult(

@@ -125,3 +125,108 @@ def test_bits_per_byte(model, ids):
 def test_invalid_args(model, ids, n, max_length, stride, match):
     with pytest.raises(ValueError, match=match):
         strided_perplexity(model, ids[:n], max_length=max_length, stride=stride)
+
+
+def _tiny(cls_name: str, **overrides) -> torch.nn.Module:
+    """A tiny random causal LM of the given transformers class (config class by naming rule)."""
+    config_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
+    shape = {
+        "vocab_size": 97,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+    }
+    torch.manual_seed(2)
+    return getattr(transformers, cls_name)(config_cls(**{**shape, **overrides})).eval()
+
+
+def _assert_matches_hf_docs_loop(model, ids, max_length, stride, batch_size):
+    ref_nll, ref_tokens = _hf_docs_reference(model, ids, max_length, stride)
+    res = strided_perplexity(
+        model, ids, max_length=max_length, stride=stride, batch_size=batch_size
+    )
+    assert res.tokens == ref_tokens
+    assert res.nll_sum == pytest.approx(ref_nll, rel=1e-5)
+    assert res.perplexity == pytest.approx(math.exp(ref_nll / ref_tokens), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("n", "max_length", "stride", "batch_size"),
+    [
+        (N, 32, 16, 2),  # first window, 7 middle windows (3 full batches + 1), short last
+        (N, 48, 20, 5),  # last window of 10 tokens, 3 targets
+        (N, 32, 7, 4),  # heavy overlap, many windows per batch
+        (140, 40, 25, 3),  # last window full length: one shape for all but the first
+        (40, 64, 16, 8),  # one window only: stream shorter than max_length
+    ],
+)
+def test_batched_windows_match_one_window_loop(model, ids, n, max_length, stride, batch_size):
+    _assert_matches_hf_docs_loop(model, ids[:n], max_length, stride, batch_size)
+
+
+@pytest.mark.parametrize(
+    ("cls_name", "overrides"),
+    [
+        ("LlamaForCausalLM", {"tie_word_embeddings": True}),
+        # softcapping after lm_head (cap below the random-init logit scale, so it bites) and
+        # sliding-window attention shorter than the window
+        (
+            "Gemma2ForCausalLM",
+            {"final_logit_softcapping": 0.05, "sliding_window": 16, "head_dim": 8},
+        ),
+    ],
+)
+def test_model_types_match_one_window_loop(ids, cls_name, overrides):
+    _assert_matches_hf_docs_loop(_tiny(cls_name, **overrides), ids, 32, 12, 3)
+
+
+def test_unmerged_lora_matches_one_window_loop(ids):
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(_tiny("LlamaForCausalLM"), lora).eval()
+    _assert_matches_hf_docs_loop(model, ids, 32, 16, 4)
+
+
+def test_lm_head_sees_only_scored_positions(model, ids):
+    widths: list[int] = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: widths.append(args[0].size(1)))
+    try:
+        strided_perplexity(model, ids, max_length=32, stride=16, batch_size=4)
+    finally:
+        hook.remove()
+    # first window scores 31 tokens, middles 16, the last (128..150) 150 - 144 = 6; +1 each
+    assert sorted(set(widths)) == [7, 17, 32]
+
+
+class _NoKeep(torch.nn.Module):
+    """A causal LM whose forward takes neither logits_to_keep nor use_cache."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.widths: list[int] = []
+
+    def forward(self, input_ids):
+        out = self.inner(input_ids=input_ids)
+        self.widths.append(out.logits.size(1))
+        return out
+
+
+class _IgnoresKeep(_NoKeep):
+    """Takes logits_to_keep but returns logits for every position anyway."""
+
+    def forward(self, input_ids, logits_to_keep=0, use_cache=None):
+        return super().forward(input_ids)
+
+
+@pytest.mark.parametrize("wrapper", [_NoKeep, _IgnoresKeep])
+def test_full_logits_fallback(model, ids, wrapper):
+    wrapped = wrapper(model)
+    ref_nll, _ = _hf_docs_reference(model, ids, 32, 16)
+    res = strided_perplexity(wrapped, ids, max_length=32, stride=16, batch_size=3)
+    assert max(wrapped.widths) == 32  # full logits really came back
+    assert res.tokens == N - 1
+    assert res.nll_sum == pytest.approx(ref_nll, rel=1e-5)
