@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import json
 import operator
+import os
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from tasks.config import GATE_RE
-from tasks.errors import FastTrackError
+from tasks.errors import FastTrackError, StoreError
 from tasks.store import ArtifactRef, ArtifactStore
 
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq}
@@ -88,14 +92,24 @@ def promote_or_fail(
         "gates": [asdict(r) for r in results],
     }
     path = f"{store.root}/{PROMOTED}"
-    try:
-        with store.fs.open(path, "rb") as f:
-            promoted = json.loads(f.read())
-    except (FileNotFoundError, json.JSONDecodeError):
-        promoted = {}
-    promoted[run_name] = record
-    store.fs.makedirs(store.root, exist_ok=True)
-    store.fs.pipe_file(path, json.dumps(promoted, indent=2, sort_keys=True).encode())
+    lock = store.scratch / "locks" / "promoted.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(lock)):  # read-modify-write: concurrent runs must not drop each other
+        try:
+            with store.fs.open(path, "rb") as f:
+                promoted = json.loads(f.read())
+        except FileNotFoundError:
+            promoted = {}
+        except json.JSONDecodeError as exc:  # never overwrite other runs' records blindly
+            raise StoreError(f"{path}: not valid JSON ({exc}); fix or remove it") from exc
+        promoted[run_name] = record
+        data = json.dumps(promoted, indent=2, sort_keys=True).encode()
+        if store.local:  # whole or old, never torn: write aside, then rename over
+            tmp = Path(f"{path}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        else:  # an object PUT is atomic
+            store.fs.pipe_file(path, data)
     return record
 
 

@@ -47,6 +47,25 @@ def test_fail_names_every_failed_gate_and_pass_promotes(tmp_path) -> None:
     assert promoted["run-x"]["promoted"] == "a" * 64 and promoted["run-x"]["gates"][0]["passed"]
 
 
+def test_concurrent_promotions_keep_every_run_and_corrupt_file_is_not_overwritten(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.errors import StoreError
+
+    store = ArtifactStore(tmp_path / "s")
+    good = check_gates(["sft.perplexity < base.perplexity"], TABLE)
+    newest = ArtifactRef(stage="sft", key="b" * 64, uri="u")
+    names = [f"run-{i}" for i in range(12)]
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda n: promote_or_fail(store, n, good, newest), names))
+    promoted = json.loads((tmp_path / "s" / "promoted.json").read_text())
+    assert sorted(promoted) == sorted(names)  # no lost update
+    (tmp_path / "s" / "promoted.json").write_text('{"run-0": ')
+    with pytest.raises(StoreError, match="promoted.json: not valid JSON"):
+        promote_or_fail(store, "run-x", good, newest)
+    assert (tmp_path / "s" / "promoted.json").read_text() == '{"run-0": '
+
+
 def test_malformed_gate_is_a_config_error(tmp_path) -> None:
     d = tiny_config_dict(tmp_path / "s")
     d["evaluate"]["gates"] = ["sft.rougeL is better"]
