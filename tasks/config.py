@@ -10,11 +10,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.compute import ComputeConfig
-from tasks.errors import ConfigError
 from tasks.store_remote import check_url
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipeline_configs" / "tiny-cpu.yaml"
@@ -371,124 +369,7 @@ class RunConfig(Section):
         return self
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load and validate a run config; raise ConfigError naming file, line and field."""
-    path = Path(path) if path else DEFAULT_CONFIG
-    if path.is_dir():
-        raise ConfigError(f"{path}: is a directory, not a config file")
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise ConfigError(
-            f"{path}:{line}: not valid UTF-8 ({exc.reason}); save it as UTF-8"
-        ) from None
-    try:
-        raw = yaml.safe_load(text)
-        lines = _line_index(yaml.compose(text), path)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: YAML syntax error: {exc.problem}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{path}: top level must be a mapping of sections, got {type(raw).__name__}"
-        )
-    origin = {loc: f"{path}:{line}" for loc, line in lines.items()}
-    if isinstance(raw.get("store"), str):  # shorthand; lets `--set store.url=...` apply too
-        raw["store"] = {"url": raw["store"]}
-    for item in overrides or []:
-        loc = apply_override(raw, item)
-        origin[loc] = f"{path}: --set {item}"
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, path, origin)) from None
+# The loader lives in its own module (size); imported last because it needs RunConfig.
+from tasks.config_loader import apply_override, load_config  # noqa: E402
 
-
-def apply_override(raw: dict[str, Any], item: str) -> tuple[str, ...]:
-    """Apply one `section.field=value` override (value parsed as YAML) to the raw dict."""
-    dotted, sep, value_text = item.partition("=")
-    if not sep or not dotted.strip():
-        raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. pretrain.max_steps=50")
-    loc = tuple(dotted.strip().split("."))
-    try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
-    except yaml.YAMLError:
-        value = value_text
-    node: Any = raw
-    for i, part in enumerate(loc[:-1]):
-        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-            continue
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {item}: {'.'.join(loc[: i + 1])} is not a section")
-        node = node.setdefault(part, {})
-    if isinstance(node, list) and loc[-1].isdigit() and int(loc[-1]) < len(node):
-        node[int(loc[-1])] = value
-    elif isinstance(node, dict):
-        node[loc[-1]] = value
-    else:
-        raise ConfigError(f"--set {item}: {'.'.join(loc[:-1])} is not a section")
-    return loc
-
-
-def _describe(exc: ValidationError, path: Path, origin: dict[tuple[str, ...], str]) -> str:
-    """One line per pydantic error: `<file>[:line]: <field.path>: <message>`."""
-    out = []
-    for err in exc.errors():
-        loc = tuple(str(p) for p in err["loc"])
-        where = next((origin[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in origin), None)
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(loc[:-1])
-            msg = f"unknown key (allowed: {', '.join(allowed)})" if allowed else "unknown key"
-        field = ".".join(loc) or "(top level)"
-        out.append(f"{where or path}: {field}: {msg}")
-    return "\n".join(out)
-
-
-def _allowed_keys(loc: tuple[str, ...]) -> list[str]:
-    model: Any = RunConfig
-    for part in loc:
-        if part.isdigit():
-            continue
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        ann = field.annotation
-        args = getattr(ann, "__args__", ())
-        model = next(
-            (a for a in (ann, *args) if isinstance(a, type) and issubclass(a, Section)), None
-        )
-        if model is None:
-            return []
-    return sorted(model.model_fields)
-
-
-def _line_index(
-    node: yaml.Node | None, path: Path, loc: tuple[str, ...] = ()
-) -> dict[tuple[str, ...], int]:
-    """Map each key path of a YAML document to its 1-based line number. A key given twice is an
-    error: YAML keeps the last silently, so a repeated section would drop the first one."""
-    lines: dict[tuple[str, ...], int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            sub = (*loc, str(key.value))
-            if sub in lines:
-                raise ConfigError(
-                    f"{path}:{key.start_mark.line + 1}: {'.'.join(sub)}: duplicate key "
-                    f"(first given at line {lines[sub]})"
-                )
-            lines[sub] = key.start_mark.line + 1
-            lines.update(_line_index(value, path, sub))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            sub = (*loc, str(i))
-            lines[sub] = item.start_mark.line + 1
-            lines.update(_line_index(item, path, sub))
-    return lines
+__all__ = ["RunConfig", "apply_override", "load_config"]
