@@ -113,6 +113,8 @@ def run_isolated(
     cmd = [*launcher] if launcher else [sys.executable, "-m"]
     cmd += ["tasks.isolation", str(tmp)]
     child_env = {**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())}
+    if api := _prefect_api_url():  # blocks (HF token, store credentials) load in the child too
+        child_env.setdefault("PREFECT_API_URL", api)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     events: queue.Queue = queue.Queue()
     proc = subprocess.Popen(
@@ -156,6 +158,15 @@ def run_isolated(
         return _result(tmp, proc.returncode, stage, list(tail))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prefect_api_url() -> str | None:
+    """The API this process talks to (a server, the CLI's ephemeral one, a test harness)."""
+    if "prefect" not in sys.modules:
+        return None
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
 
 
 def _replay(line: str, log: Any, reporter: Any) -> None:

@@ -38,6 +38,9 @@ def poisoned_loss(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_nan_loss_aborts_or_skips_the_step(tmp_path: Path) -> None:
     d = tiny_config_dict(tmp_path / "store")
     d["pretrain"] |= {"max_steps": 6, "eval_steps": 3, "save_steps": 3, "logging_steps": 1}
+    # In-process training: the poisoned Trainer is a monkeypatch of this process. (A
+    # FastTrackError from a training child reaches the CLI the same way: test_isolation.)
+    d["compute"] = {"isolate": False}
     cfg = str(write_config(tmp_path / "run.yaml", d))
     store = ArtifactStore(tmp_path / "store")
 

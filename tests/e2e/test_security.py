@@ -116,6 +116,7 @@ def test_hub_token_is_used_but_never_stored_or_logged(
     monkeypatch.setenv("HF_TOKEN", ENV_TOKEN)
     d = tiny_config_dict(tmp_path / "store")
     d["pretrain"] |= {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1}
+    d["compute"] = {"isolate": False}  # the spy patches this process (a child is checked below)
     cfg = write_config(tmp_path / "run.yaml", d)
     result = CliRunner().invoke(app, ["run", str(cfg), "--stages", "data,pretrain"])
     assert result.exit_code == 0, result.output
@@ -133,10 +134,14 @@ def test_hub_token_is_used_but_never_stored_or_logged(
     )
     assert result2.exit_code == 0, result2.output
     assert seen and {token for token, _ in seen} == {BLOCK_TOKEN}
+    # A training child loads the block through the parent's Prefect API, and logs no token.
+    isolated = ["--set", "compute.isolate=true", "--set", "pretrain.max_steps=5"]
+    result3 = CliRunner().invoke(app, ["run", str(cfg), "--stages", "pretrain", *isolated])
+    assert result3.exit_code == 0, result3.output
 
     captured = capfd.readouterr()
     texts = {
-        "cli output": result.output + result2.output,
+        "cli output": result.output + result2.output + result3.output,
         "captured stdout/stderr": captured.out + captured.err,
         "python logs": caplog.text,
         "prefect logs, artifacts, flow runs": _everything_prefect_kept("pretrain: published"),
