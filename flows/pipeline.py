@@ -64,10 +64,12 @@ def enabled_stages(cfg: RunConfig, params: PipelineParams) -> set[str]:
     return set(params.stages) - off
 
 
-def trained_models(cfg: RunConfig, models: dict[str, ArtifactRef]) -> dict[str, ArtifactRef]:
+def trained_models(
+    cfg: RunConfig, data: ArtifactRef, models: dict[str, ArtifactRef]
+) -> dict[str, ArtifactRef]:
     """The models this run built plus those of the same config already in the store, so
     `--stages data,evaluate` evaluates what earlier runs trained without training anything."""
-    found = run_models(cfg)
+    found = run_models(cfg, data)
     return {m: models.get(m) or found[m] for m in MODEL_CHAIN if m in models or m in found}
 
 
@@ -96,7 +98,7 @@ def pipeline(params: PipelineParams | None = None) -> RunSummary:
     rag = run.collect(index) if index else None
     table = []
     if "evaluate" in wanted:
-        models = trained_models(cfg, models)
+        models = trained_models(cfg, data, models)
         with eval_runner(cfg.compute) as runner:  # threads, or Dask workers (compute.*)
             pending = {
                 m: run.submit(evaluate_task, cfg, ref, data, label=f"evaluate:{m}", runner=runner)

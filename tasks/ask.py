@@ -12,6 +12,7 @@ from typing import Any
 from tasks.config import RunConfig
 from tasks.errors import FastTrackError
 from tasks.generate import generate, newest_model
+from tasks.integrity import checked_lookup
 from tasks.store import ArtifactRef, ArtifactStore
 
 PROMPT = "Answer the question using the context. Cite sources as [n].\n\n{context}\n\nQuestion: {q}"
@@ -32,8 +33,8 @@ def run_index(cfg: RunConfig) -> ArtifactRef:
     from tasks.rag import rag_spec
 
     store = ArtifactStore(cfg.store)
-    data = store.lookup("data", data_spec(cfg).key)
-    ref = store.lookup("rag", rag_spec(cfg, data).key) if data else None
+    data = checked_lookup(store, "data", data_spec(cfg).key)
+    ref = checked_lookup(store, "rag", rag_spec(cfg, data).key) if data else None
     if ref is None:
         raise FastTrackError(
             f"no RAG index for run {cfg.name!r} in {cfg.store}: "

@@ -13,6 +13,7 @@ import torch
 
 from tasks.config import GenerationConfig, RunConfig
 from tasks.errors import FastTrackError
+from tasks.integrity import checked_lookup
 from tasks.store import ArtifactRef, ArtifactStore
 
 MODEL_ORDER = ("dpo", "sft", "pretrain", "base")  # newest first
@@ -79,8 +80,9 @@ def generate(
     return [tok.decode(ids, skip_special_tokens=True).strip() for ids in new]
 
 
-def run_models(cfg: RunConfig) -> dict[str, ArtifactRef]:
-    """The model artifacts this config's run has published (lookup only, nothing is built)."""
+def run_models(cfg: RunConfig, data: ArtifactRef | None = None) -> dict[str, ArtifactRef]:
+    """The intact model artifacts this config's run has published (lookup only, nothing is
+    built; a corrupt one counts as absent). `data`: the run's data ref, if already known."""
     from tasks.data import data_spec
     from tasks.dpo import dpo_spec, ref_spec
     from tasks.models import base_spec
@@ -89,24 +91,28 @@ def run_models(cfg: RunConfig) -> dict[str, ArtifactRef]:
     from tasks.sft import sft_spec
 
     store = ArtifactStore(cfg.store)
-    data = store.lookup("data", data_spec(cfg).key)
+
+    def lookup(stage: str, key: str) -> ArtifactRef | None:
+        return checked_lookup(store, stage, key)
+
+    data = data or lookup("data", data_spec(cfg).key)
     if data is None:
         raise FastTrackError(
             f"no data artifact for run {cfg.name!r} in {cfg.store}: run `fasttrack run` first"
         )
     found: dict[str, ArtifactRef] = {}
-    if (base := store.lookup("base", base_spec(cfg, data).key)) is None:
+    if (base := lookup("base", base_spec(cfg, data).key)) is None:
         return found
     found["base"] = base
     start = base
-    packed = store.lookup("pack", pack_spec(cfg, data, base).key)
-    if packed and (pre := store.lookup("pretrain", pretrain_spec(cfg, packed, base).key)):
+    packed = lookup("pack", pack_spec(cfg, data, base).key)
+    if packed and (pre := lookup("pretrain", pretrain_spec(cfg, packed, base).key)):
         found["pretrain"] = start = pre
-    if (tuned := store.lookup("sft", sft_spec(cfg, start, data).key)) is None:
+    if (tuned := lookup("sft", sft_spec(cfg, start, data).key)) is None:
         return found
     found["sft"] = tuned
-    ref = store.lookup("dpo_ref", ref_spec(cfg, start, tuned, data).key)
-    if ref and (aligned := store.lookup("dpo", dpo_spec(cfg, start, tuned, ref, data).key)):
+    ref = lookup("dpo_ref", ref_spec(cfg, start, tuned, data).key)
+    if ref and (aligned := lookup("dpo", dpo_spec(cfg, start, tuned, ref, data).key)):
         found["dpo"] = aligned
     return found
 
