@@ -159,6 +159,15 @@ def trainable_snapshot(model: Any) -> dict[str, torch.Tensor]:
 
 
 def unchanged_tensors(model: Any, before: dict[str, torch.Tensor]) -> list[str]:
-    """Names of trainable tensors training did not move (should be none)."""
+    """Names of trainable tensors training did not move (should be none). FSDP-sharded
+    parameters are gathered whole (a collective: every rank calls this, in the same order)."""
+    from torch.distributed.tensor import DTensor
+
     after = dict(model.named_parameters())
-    return [n for n, t in before.items() if torch.equal(after[n].detach().float().cpu(), t.cpu())]
+    unchanged = []
+    for name, old in before.items():
+        new = after[name].detach()
+        new = new.full_tensor() if isinstance(new, DTensor) else new
+        if torch.equal(new.float().cpu(), old.cpu()):
+            unchanged.append(name)
+    return unchanged

@@ -10,8 +10,8 @@ artifact key: a model trained on 1 process is reused by a run that asks for 2.
 - `num_processes > 1`: the child is started by `accelerate launch` (torchrun underneath), one
   rank per process; `strategy` ddp (every rank holds the model, gradients all-reduced) or fsdp
   (FSDP2 full shard, auto-wrapped per decoder layer, the full state dict gathered on save so the
-  artifact is a plain safetensors model/adapter). On CPU the ranks use the gloo backend (DDP);
-  mixed precision is the stage's own `precision`.
+  artifact is a plain safetensors model/adapter). On CPU the ranks use the gloo backend, for
+  both strategies (tasks/fsdp.py); mixed precision is the stage's own `precision`.
 """
 
 from __future__ import annotations

@@ -192,16 +192,21 @@ def build_dpo(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     before_pref = preference_accuracy(policy, tok, splits["validation"], max_len)
     trainer = _trainer(cfg, policy, tok, joined, work)
     before = trainable_snapshot(trainer.model)
-    metrics = run_trainer(trainer, "dpo", work, out, section=cfg.dpo)
+
+    def after(model: Any) -> dict[str, Any]:  # on every rank (FSDP forwards are collective)
+        pref = preference_accuracy(model, tok, splits["validation"], max_len)
+        return {
+            "pref_accuracy": pref["pref_accuracy"],
+            "pref_margin": pref["pref_margin"],
+            "trainable_tensors_unchanged": len(unchanged_tensors(model, before)),
+        }
+
+    metrics = run_trainer(trainer, "dpo", work, out, section=cfg.dpo, after=after)
     tok.save_pretrained(out)
-    after_pref = preference_accuracy(trainer.model, tok, splits["validation"], max_len)
     metrics |= {
         "pref_accuracy_sft": before_pref["pref_accuracy"],
-        "pref_accuracy": after_pref["pref_accuracy"],
         "pref_margin_sft": before_pref["pref_margin"],
-        "pref_margin": after_pref["pref_margin"],
         "ref_forward_batches": trainer.ref_forward_batches,
-        "trainable_tensors_unchanged": len(unchanged_tensors(trainer.model, before)),
         "quantization": quant,
     }
     device = {

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 from tasks.config import TrainingConfig
@@ -61,7 +62,7 @@ class LossGuard(TrainerCallback):
         losses, self.losses = self.losses, []
         scaler = getattr(self.trainer.accelerator, "scaler", None)
         grads = [] if scaler is not None else gradients(optimizer)  # fp16: the scaler's job
-        if all_finite(losses + grads):
+        if all_finite(losses + grads, across_ranks=True):
             return
         bad = next((float(x.float().mean()) for x in losses if not all_finite([x])), None)
         problem = f"loss is {bad}" if bad is not None else "gradients are not finite"
@@ -100,12 +101,22 @@ def gradients(optimizer: Any) -> list[torch.Tensor]:
     ]
 
 
-def all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Every element of every tensor is finite, with a single device sync."""
+def all_finite(tensors: list[torch.Tensor], across_ranks: bool = False) -> bool:
+    """Every element of every tensor is finite, with a single device sync. Sharded (FSDP2
+    DTensor) gradients are checked shard by shard; `across_ranks` makes it one collective
+    verdict, so every rank skips or aborts the same step (a rank alone would hang the rest)."""
+    from torch.distributed.tensor import DTensor
+
     if not tensors:
         return True
-    device = tensors[0].device
-    return bool(torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all())
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    device = local[0].device
+    ok = torch.stack([torch.isfinite(t).all().to(device) for t in local]).all()
+    if across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = ok.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = flag.bool()
+    return bool(ok)
 
 
 def guard_training(trainer: Any, stage: str, section: TrainingConfig | None = None) -> LossGuard:

@@ -247,6 +247,10 @@ def child_main(tmp: Path) -> int:
         )
     )
     fn, args = pickle.loads((tmp / "call.pkl").read_bytes())
+    from tasks.fsdp import enable_fsdp_on_cpu, fsdp_requested
+
+    if fsdp_requested():
+        enable_fsdp_on_cpu()  # CPU/gloo ranks: FSDP2 as on GPUs, not a silent DDP fallback
     try:
         result: tuple[str, Any, str] = ("ok", fn(*args), "")
     except RankDone:

@@ -86,14 +86,14 @@ def build_sft(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     work = store.work_dir("sft", spec.key)
     trainer = sft_trainer(cfg, model, tok, train, val, work)
     before = trainable_snapshot(trainer.model)
-    metrics = run_trainer(trainer, "sft", work, out, eval_before=True, section=cfg.sft)
+    metrics = run_trainer(
+        trainer, "sft", work, out, eval_before=True, section=cfg.sft,
+        after=lambda m: {"trainable_tensors_unchanged": len(unchanged_tensors(m, before))},
+    )  # fmt: skip
     tok.save_pretrained(out)
-    unchanged = unchanged_tensors(trainer.model, before)
-    trainable = sum(t.numel() for t in before.values())
     metrics |= {
-        "trainable_params": trainable,
+        "trainable_params": sum(t.numel() for t in before.values()),
         "trainable_tensors": len(before),
-        "trainable_tensors_unchanged": len(unchanged),
         "quantization": quant,
     }
     if s.merge:

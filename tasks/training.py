@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 
 from tasks.compute import launch_prefix
 from tasks.config import RunConfig, TrainingConfig
-from tasks.errors import ConfigError
+from tasks.fsdp import shard_report
 from tasks.guards import guard_training, not_in_key
 from tasks.isolation import finish_if_not_rank0, run_isolated
 from tasks.models import pick_device, pick_dtype
@@ -145,10 +145,13 @@ def run_trainer(
     out: Path,
     eval_before: bool = False,
     section: TrainingConfig | None = None,
+    after: Callable[[Any], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train (resuming if a checkpoint exists), evaluate, save the model to `out`, and return
     the metrics every training stage reports. The log history is saved for loss curves.
-    `eval_before` evaluates the untrained starting point first (for before/after figures)."""
+    `eval_before` evaluates the untrained starting point first (for before/after figures).
+    `after(model)` adds stage metrics computed from the trained model on every rank: under
+    FSDP its forward and `full_tensor()` are collectives, so rank 0 cannot do them alone."""
     from transformers import PrinterCallback
     from transformers.utils import logging as hf_logging
 
@@ -163,7 +166,9 @@ def run_trainer(
         trainer.args.eval_on_start = True
     result = trainer.train(resume_from_checkpoint=resume)
     final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    sharding = shard_report(trainer.model)  # FSDP2: this rank's share of the parameters
     trainer.save_model(str(out))  # collective under FSDP (gathers the full state dict)
+    extra = after(trainer.model) if after else {}
     finish_if_not_rank0()  # other ranks stop here; rank 0 writes everything below
     history = trainer.state.log_history
     (out / "log_history.json").write_text(json.dumps(history, indent=2))
@@ -177,6 +182,8 @@ def run_trainer(
         "last_logged_loss": losses[-1] if losses else None,
         "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
         **guard.metrics(),
+        **sharding,
+        **extra,
     }
     if "eval_loss" in final_eval:
         metrics["eval_loss"] = round(final_eval["eval_loss"], 5)
@@ -201,11 +208,6 @@ def train_stage(cfg: RunConfig, stage: str, build: Callable[..., Any], *args: An
         return build(*args)
     section: TrainingConfig = getattr(cfg, stage)
     timeout = section.timeout_minutes * 60 if section.timeout_minutes else None
-    if cfg.compute.strategy == "fsdp" and cfg.compute.num_processes > 1 and pick_device() != "cuda":
-        raise ConfigError(
-            "compute.strategy: fsdp needs CUDA GPUs (accelerate runs CPU ranks as DDP only); "
-            "use strategy: ddp on CPU"
-        )
     mixed = {"bf16": "bf16", "fp16": "fp16"}.get(dtype_name(section.precision), "no")
     launcher = launch_prefix(cfg.compute, mixed)
     return run_isolated(build, *args, stage=stage, timeout_s=timeout, launcher=launcher)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import httpx
 import psutil
 import pytest
 
+from tasks.compute import free_port
 from tasks.config import load_config
 from tasks.store import ArtifactStore
 from tests.conftest import tiny_config_dict, write_config
@@ -26,12 +26,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.server]
 ROOT = Path(__file__).resolve().parents[2]
 SHOTS = Path(os.environ.get("FASTTRACK_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 DEPLOYMENT = "fasttrack-pipeline/weekly-full"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:

@@ -118,3 +118,20 @@ def test_guard_knobs_enter_the_key_only_when_they_can_change_the_result() -> Non
     assert training_key_config(_section(max_skipped_steps=3), 0) == default
     skip = training_key_config(_section(nan_policy="skip"), 0)
     assert skip["nan_policy"] == "skip" and skip != default
+
+
+def test_verdict_is_collective_and_reads_sharded_gradients(tmp_path: Path) -> None:
+    """Under FSDP each rank holds a shard: rank 0's shard is finite, rank 1's is not. Every rank
+    must reach the same verdict, or one would skip/abort while the other waits in a collective."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from tasks.compute import free_port
+    from tests.unit.rank_verdicts import verdicts
+
+    mp.spawn(verdicts, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)  # fresh ranks
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["local_only"] is True and r1["local_only"] is False  # shards differ locally
+    assert r0["across_ranks"] is False and r1["across_ranks"] is False  # one verdict
+    assert r0["finite_across"] is True and r1["finite_across"] is True
