@@ -1,6 +1,6 @@
 """Production strided perplexity vs the naive one-window-at-a-time loop: same number, speed.
 
-    python benchmarks/eval_perplexity.py [--tokens 20000] [--reps 7] [--threads N]
+    python benchmarks/eval_perplexity.py [--tokens 20000] [--reps 7] [--threads N] [--device D]
 
 Model: the default config's model exactly as the base stage builds it (Llama, hidden 128, 2
 layers, vocab 4096, tied embeddings), random init: speed does not depend on the weights and the
@@ -14,7 +14,8 @@ softmax only on the scored positions via ``logits_to_keep``, no KV cache), at th
 size. The machine is shared, so baseline and candidate alternate in the same process (order
 flipped every rep) and the median of the per-rep ratios is reported, for wall time and for
 process CPU time, with the ratio of the best reps (least disturbed by other load).
-Writes benchmarks/results/eval_perplexity.json (``--out`` to change).
+Runs on CUDA when a GPU is visible (``--device`` to choose), synchronising before each clock
+read. Writes benchmarks/results/eval_perplexity.json (``--out`` to change).
 """
 
 from __future__ import annotations
@@ -53,10 +54,13 @@ def naive(model, ids: torch.Tensor, max_length: int, stride: int) -> float:
     return math.exp(nll / count)
 
 
-def timed(fn) -> tuple[float, float, float]:
-    """(value, wall seconds, process CPU seconds)."""
+def timed(fn, device: str) -> tuple[float, float, float]:
+    """(value, wall seconds, process CPU seconds); GPU work is finished before each clock read."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
     wall, cpu = time.perf_counter(), time.process_time()
     value = fn()
+    sync()
     return value, time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -66,6 +70,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--batch-size", type=int, help="default: evaluate.perplexity.batch_size")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--out", type=Path, default=ROOT / "benchmarks/results/eval_perplexity.json"
     )
@@ -84,9 +89,10 @@ def main() -> None:
     t = cfg.model.tokenizer
     tok = build_tokenizer(texts, t.vocab_size, t.min_frequency, CHAT_TEMPLATE)
     ids = torch.tensor([i for x in texts for i in tok(x)["input_ids"]][: args.tokens])
+    ids = ids.to(args.device)
     torch.manual_seed(cfg.seed)
     arch = cfg.model.architecture.model_dump()
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **arch)).eval()
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **arch)).eval().to(args.device)
     p = cfg.evaluate.perplexity
     batch_size = args.batch_size or p.batch_size
     runs = {
@@ -105,7 +111,7 @@ def main() -> None:
     values: dict[str, float] = {}
     for rep in range(args.reps):
         for name in runs if rep % 2 == 0 else reversed(runs):
-            values[name], w, c = timed(runs[name])
+            values[name], w, c = timed(runs[name], args.device)
             wall[name].append(w)
             cpu[name].append(c)
 
@@ -114,6 +120,9 @@ def main() -> None:
 
     result = {
         "machine": f"{os.cpu_count()} cores (shared), torch {torch.__version__}",
+        "device": torch.cuda.get_device_name(args.device)
+        if args.device.startswith("cuda")
+        else "cpu",
         "threads": torch.get_num_threads(),
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "model": f"default config Llama from scratch, vocab {len(tok)}, "

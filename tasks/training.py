@@ -113,6 +113,10 @@ def trainer_kwargs(t: TrainingConfig, work: Path, seed: int, has_eval: bool) -> 
     }
 
 
+# Optimizer state as the Trainer writes it: plain/DDP, FSDP full state dict, FSDP sharded (DCP).
+OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin", "optimizer_0/.metadata")
+
+
 def checkpoint_complete(path: Path) -> bool:
     """A checkpoint a kill did not interrupt: weights, optimizer and a parsable trainer state
     (the Trainer writes trainer_state.json after the weights and optimizer)."""
@@ -121,7 +125,7 @@ def checkpoint_complete(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     weights = any(path.glob("*.safetensors"))
-    return weights and (path / "optimizer.pt").is_file()
+    return weights and any((path / name).is_file() for name in OPTIMIZER_FILES)
 
 
 def last_checkpoint(work: Path) -> tuple[str | None, int]:
