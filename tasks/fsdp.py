@@ -31,7 +31,8 @@ def enable_fsdp_on_cpu() -> None:
 
     def __init__(self: Any, *args: Any, fsdp_plugin: Any = None, **kwargs: Any) -> None:
         init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        cpu_fsdp2 = fsdp_plugin is not None and fsdp_plugin.fsdp_version == 2  # FSDP1 needs GPUs
+        if cpu_fsdp2 and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = DistributedType.FSDP
             if self._mixed_precision != "no":
                 fsdp_plugin.set_mixed_precision(self._mixed_precision)

@@ -62,10 +62,15 @@ class LossGuard(TrainerCallback):
         losses, self.losses = self.losses, []
         scaler = getattr(self.trainer.accelerator, "scaler", None)
         grads = [] if scaler is not None else gradients(optimizer)  # fp16: the scaler's job
-        if all_finite(losses + grads, across_ranks=True):
+        losses_ok, grads_ok = finite_flags([losses, grads], across_ranks=True)
+        if losses_ok and grads_ok:
             return
-        bad = next((float(x.float().mean()) for x in losses if not all_finite([x])), None)
-        problem = f"loss is {bad}" if bad is not None else "gradients are not finite"
+        bad = next((float(x.float().mean()) for x in losses if not finite_flags([[x]])[0]), None)
+        problem = (
+            f"loss is {bad}" if bad is not None
+            else "loss is not finite on another rank" if not losses_ok
+            else "gradients are not finite"
+        )  # fmt: skip
         if self.policy == "abort":
             raise self._error(problem)
         self.skipped.append(self._step())
@@ -101,22 +106,36 @@ def gradients(optimizer: Any) -> list[torch.Tensor]:
     ]
 
 
-def all_finite(tensors: list[torch.Tensor], across_ranks: bool = False) -> bool:
-    """Every element of every tensor is finite, with a single device sync. Sharded (FSDP2
-    DTensor) gradients are checked shard by shard; `across_ranks` makes it one collective
-    verdict, so every rank skips or aborts the same step (a rank alone would hang the rest)."""
+def finite_flags(groups: list[list[torch.Tensor]], across_ranks: bool = False) -> list[bool]:
+    """Per group: every element of every tensor is finite (one device sync for all groups).
+    Sharded (FSDP2 DTensor) gradients are checked shard by shard; `across_ranks` makes each flag
+    one collective verdict, so every rank skips or aborts the same step (a rank alone would
+    leave the others waiting in a collective). Every rank runs the collective, empty or not."""
     from torch.distributed.tensor import DTensor
 
-    if not tensors:
-        return True
-    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
-    device = local[0].device
-    ok = torch.stack([torch.isfinite(t).all().to(device) for t in local]).all()
-    if across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        flag = ok.to(torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        ok = flag.bool()
-    return bool(ok)
+    distributed = (
+        across_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    )
+    if distributed and "nccl" in str(dist.get_backend()):  # NCCL reduces CUDA tensors only
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = next((t.device for g in groups for t in g), torch.device("cpu"))
+    flags = torch.stack([
+        torch.stack([
+            torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all().to(device)
+            for t in group
+        ]).all() if group else torch.ones((), dtype=torch.bool, device=device)
+        for group in groups
+    ])  # fmt: skip
+    if distributed:
+        flags = flags.to(torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return [bool(f) for f in flags.tolist()]
+
+
+def all_finite(tensors: list[torch.Tensor], across_ranks: bool = False) -> bool:
+    """Every element of every tensor is finite (see `finite_flags`)."""
+    return finite_flags([tensors], across_ranks)[0]
 
 
 def guard_training(trainer: Any, stage: str, section: TrainingConfig | None = None) -> LossGuard:

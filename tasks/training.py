@@ -113,8 +113,9 @@ def trainer_kwargs(t: TrainingConfig, work: Path, seed: int, has_eval: bool) -> 
     }
 
 
-# Optimizer state as the Trainer writes it: plain/DDP, FSDP full state dict, FSDP sharded (DCP).
-OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin", "optimizer_0/.metadata")
+# Optimizer state as the Trainer writes it: plain/DDP, and FSDP with the full state dict (the
+# launcher's setting; with a sharded one the Trainer writes no weights file to check).
+OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
 
 
 def checkpoint_complete(path: Path) -> bool:

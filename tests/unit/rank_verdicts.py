@@ -16,7 +16,7 @@ def verdicts(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
 
-    from tasks.guards import all_finite
+    from tasks.guards import all_finite, finite_flags
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)  # fmt: skip
@@ -28,6 +28,10 @@ def verdicts(rank: int, world: int, port: int, out: str) -> None:
         "local_only": all_finite([loss, shard]),
         "across_ranks": all_finite([loss, shard], across_ranks=True),
         "finite_across": all_finite([loss, torch.ones(3)], across_ranks=True),
+        # rank 1's loss alone is NaN, no rank has gradients: flags per group, collective anyway
+        "loss_grads": finite_flags(
+            [[torch.tensor(float("nan") if rank else 0.5)], []], across_ranks=True
+        ),
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()

@@ -135,3 +135,4 @@ def test_verdict_is_collective_and_reads_sharded_gradients(tmp_path: Path) -> No
     assert r0["local_only"] is True and r1["local_only"] is False  # shards differ locally
     assert r0["across_ranks"] is False and r1["across_ranks"] is False  # one verdict
     assert r0["finite_across"] is True and r1["finite_across"] is True
+    assert r0["loss_grads"] == r1["loss_grads"] == [False, True]
