@@ -319,7 +319,10 @@ class ArtifactStore:
         for entry in tmp.iterdir():
             parts = entry.name.split("--")
             ours = len(parts) == 3 and parts[0] == host and parts[1].isdigit()
-            stale = time.time() - entry.stat().st_mtime > min_age_s
+            try:
+                stale = time.time() - entry.stat().st_mtime > min_age_s
+            except FileNotFoundError:  # published or removed by its owner since iterdir()
+                continue
             dead = ours and not _pid_alive(int(parts[1]))
             if dead or (not ours and stale):
                 shutil.rmtree(entry, ignore_errors=True)

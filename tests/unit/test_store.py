@@ -192,3 +192,17 @@ def test_clean_tmp_removes_litter_of_dead_processes(tmp_path: Path) -> None:
     assert store.clean_tmp() == 1
     assert not dead.exists() and alive.exists()
     shutil.rmtree(alive)
+
+
+def test_clean_tmp_skips_entries_that_vanish_while_it_scans(tmp_path: Path, monkeypatch) -> None:
+    """A concurrent stage of the same run publishes (renames away) its staging dir between
+    the directory listing and the age check: the scan goes on (CI caught this race)."""
+    store = ArtifactStore(tmp_path / "s")
+    tmp = tmp_path / "s" / "tmp"
+    dead = tmp / f"{socket.gethostname()}--999999--demo-abc-1234"
+    dead.mkdir(parents=True)
+    gone = tmp / f"{socket.gethostname()}--{os.getpid()}--rag-abc-5678"  # listed, then renamed
+    listing = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: iter([gone, *listing(self)]))
+    assert store.clean_tmp() == 1
+    assert not dead.exists()
