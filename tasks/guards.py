@@ -133,11 +133,6 @@ def finite_flags(groups: list[list[torch.Tensor]], across_ranks: bool = False) -
     return [bool(f) for f in flags.tolist()]
 
 
-def all_finite(tensors: list[torch.Tensor], across_ranks: bool = False) -> bool:
-    """Every element of every tensor is finite (see `finite_flags`)."""
-    return finite_flags([tensors], across_ranks)[0]
-
-
 def guard_training(trainer: Any, stage: str, section: TrainingConfig | None = None) -> LossGuard:
     """Install the guard on a HF/TRL trainer; the default (no section) is abort."""
     policy = section.nan_policy if section else "abort"

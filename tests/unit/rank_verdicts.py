@@ -16,7 +16,7 @@ def verdicts(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
 
-    from tasks.guards import all_finite, finite_flags
+    from tasks.guards import finite_flags
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)  # fmt: skip
@@ -25,9 +25,9 @@ def verdicts(rank: int, world: int, port: int, out: str) -> None:
     shard = DTensor.from_local(local, mesh, [Shard(0)], run_check=False)
     loss = torch.tensor(0.5)
     result = {
-        "local_only": all_finite([loss, shard]),
-        "across_ranks": all_finite([loss, shard], across_ranks=True),
-        "finite_across": all_finite([loss, torch.ones(3)], across_ranks=True),
+        "local_only": finite_flags([[loss, shard]])[0],
+        "across_ranks": finite_flags([[loss, shard]], across_ranks=True)[0],
+        "finite_across": finite_flags([[loss, torch.ones(3)]], across_ranks=True)[0],
         # rank 1's loss alone is NaN, no rank has gradients: flags per group, collective anyway
         "loss_grads": finite_flags(
             [[torch.tensor(float("nan") if rank else 0.5)], []], across_ranks=True
