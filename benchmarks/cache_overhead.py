@@ -35,11 +35,11 @@ sys.path.insert(0, str(ROOT))
 
 def direct(cfg) -> None:
     """The stage functions of flows/pipeline.py, called plainly."""
+    from tasks.base import resolve_base
     from tasks.data import prepare_data
     from tasks.dpo import dpo, reference_logps
     from tasks.evaluate import evaluate_model
-    from tasks.models import resolve_base
-    from tasks.packing import pack
+    from tasks.pack import pack
     from tasks.pretrain import pretrain
     from tasks.sft import sft
 
@@ -60,8 +60,8 @@ def main() -> None:
 
     from prefect import flow
 
+    from fasttrack.core.config_loader import load_config
     from flows.pipeline import PipelineParams, pipeline
-    from tasks.config import load_config
 
     t0 = time.perf_counter()
     flow(lambda: None, name="warm-up")()  # starts the ephemeral API once

@@ -9,7 +9,7 @@ trained on it; window and stride: the default evaluate.perplexity settings (256 
 
 Baseline: the Hugging Face docs loop a user would write (one window per forward,
 ``model(input_ids, labels=masked).loss``), corrected to count exactly the scored tokens.
-Candidate: tasks/perplexity.py (windows of one shape batched without padding, logits and
+Candidate: fasttrack/lib/perplexity.py (windows of one shape batched without padding, logits and
 softmax only on the scored positions via ``logits_to_keep``, no KV cache), at the config's batch
 size. The machine is shared, so baseline and candidate alternate in the same process (order
 flipped every rep) and the median of the per-rep ratios is reported, for wall time and for
@@ -79,10 +79,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tasks.config import load_config
-    from tasks.demo import DEMO_DIR
-    from tasks.models import CHAT_TEMPLATE, build_tokenizer
-    from tasks.perplexity import strided_perplexity
+    from fasttrack.core.config_loader import load_config
+    from fasttrack.lib.demo import DEMO_DIR
+    from fasttrack.lib.models import CHAT_TEMPLATE, build_tokenizer
+    from fasttrack.lib.perplexity import strided_perplexity
 
     cfg = load_config(None)
     texts = [json.loads(line)["text"] for line in (DEMO_DIR / "pydoc_topics.jsonl").open()]

@@ -49,7 +49,7 @@ def run_one(method: str, device: str, steps: int, batch: int, seq: int, model_di
     if method != "qlora":
         model = model.to(device)
     if method == "qlora":
-        from tasks.adapters import disable_cpu_bf16_repack
+        from fasttrack.lib.adapters import disable_cpu_bf16_repack
 
         disable_cpu_bf16_repack(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

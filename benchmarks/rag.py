@@ -39,9 +39,9 @@ GOAL_RECALL, GOAL_P99_MS = 0.98, 10.0
 
 
 def embed_throughput(n_chunks: int) -> dict:
-    from tasks.config import ChunkConfig, RagConfig
-    from tasks.demo import DEMO_DIR
-    from tasks.retrieval import Document, Embedder, build_faiss, chunk_document
+    from fasttrack.core.config import ChunkConfig, RagConfig
+    from fasttrack.lib.demo import DEMO_DIR
+    from fasttrack.lib.retrieval import Document, Embedder, build_faiss, chunk_document
 
     rag, chunk = RagConfig(), ChunkConfig()
     t0 = time.perf_counter()
@@ -118,7 +118,7 @@ def latency_ms(index, queries: np.ndarray) -> tuple[np.ndarray, dict]:
 def index_bench(n: int, n_queries: int, uniform: bool) -> dict:
     import faiss
 
-    from tasks.config import RagConfig
+    from fasttrack.core.config import RagConfig
 
     rag = RagConfig()
     xb, xq = synthetic(n, n_queries, uniform)

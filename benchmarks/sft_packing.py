@@ -29,10 +29,10 @@ def one_epoch(cfg, model_ref, data_ref, packing: bool) -> tuple[float, int]:
     """(seconds for one epoch, real tokens in the epoch)."""
     import datasets
 
-    from tasks.adapters import load_for_training
-    from tasks.data import read_split
+    from fasttrack.core.store import ArtifactStore
+    from fasttrack.lib.adapters import load_for_training
+    from fasttrack.lib.datasets import read_split
     from tasks.sft import prompt_completion, sft_trainer
-    from tasks.store import ArtifactStore
 
     store = ArtifactStore(cfg.store)
     rows = prompt_completion(read_split(store, data_ref, "sft", "train"))
@@ -54,9 +54,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=2)
     args = parser.parse_args()
 
-    from tasks.config import load_config
+    from fasttrack.core.config_loader import load_config
+    from tasks.base import resolve_base
     from tasks.data import prepare_data
-    from tasks.models import resolve_base
 
     store = tempfile.mkdtemp(prefix="fasttrack-packing-")
     cfg = load_config(args.config, [f"store={store}"])

@@ -33,7 +33,7 @@ from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from tasks.errors import FastTrackError  # noqa: E402
+from fasttrack.core.errors import FastTrackError  # noqa: E402
 
 console = Console()
 err = Console(stderr=True)
@@ -108,7 +108,7 @@ def run(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks")] = False,
 ) -> None:
     """Run the pipeline (cached stages are reused, not recomputed)."""
-    from tasks.config import load_config
+    from fasttrack.core.config_loader import load_config
 
     try:
         load_config(config, _split(set_))  # fail fast, before Prefect starts
@@ -157,9 +157,9 @@ def plan(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override KEY=VALUE")] = None,
 ) -> None:
     """Memory/compute plan of every training stage before any GPU time is spent."""
-    from tasks.config import load_config
-    from tasks.planner import parse_size, render_plan
-    from tasks.planner import plan as make_plan
+    from fasttrack.core.config_loader import load_config
+    from fasttrack.lib.planner import parse_size, render_plan
+    from fasttrack.lib.planner import plan as make_plan
 
     try:
         cfg = load_config(config, _split(set_))
@@ -181,8 +181,8 @@ def ask(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override KEY=VALUE")] = None,
 ) -> None:
     """Answer from the run's RAG index with its newest model (DPO > SFT > pretrain)."""
-    from tasks.ask import answer
-    from tasks.config import load_config
+    from fasttrack.core.config_loader import load_config
+    from fasttrack.lib.ask import answer
 
     if len(args) > 2:
         _fail(FastTrackError('ask: expected [CONFIG] "question" (quote the question)'))
@@ -268,8 +268,8 @@ def report(
     """Re-print the report of a past run from the store."""
     from rich.markdown import Markdown
 
-    from tasks.run_report import find_report
-    from tasks.store import ArtifactStore
+    from fasttrack.core.store import ArtifactStore
+    from tasks.report import find_report
 
     try:
         manifest, path = find_report(ArtifactStore(store), run)
@@ -285,7 +285,7 @@ def list_artifacts(
     store: Annotated[str, typer.Option(help="Store path or fsspec URL")] = "artifacts",
 ) -> None:
     """List the artifacts in a store: stage, key, size, created, metrics."""
-    from tasks.store import ArtifactStore
+    from fasttrack.core.store import ArtifactStore
 
     table = Table(title=f"artifacts in {store}")
     for col in ("stage", "key", "size", "created", "metrics"):
@@ -340,8 +340,8 @@ def verify(
     on its next lookup anyway, and that stops other readers (ask, report, another host) from
     using bad bytes. `--no-quarantine` only reports.
     """
-    from tasks.store import ArtifactStore
-    from tasks.store_admin import verify_all
+    from fasttrack.core.store import ArtifactStore
+    from fasttrack.core.store_admin import verify_all
 
     checked, findings = verify_all(ArtifactStore(store), fix=quarantine)
     for f in findings:
@@ -359,10 +359,10 @@ def collect_garbage(
     dry_run: Annotated[bool, typer.Option(help="Only list what would be removed")] = False,
     store: Annotated[str, typer.Option(help="Store path or fsspec URL")] = "artifacts",
 ) -> None:
-    """Remove unreferenced artifacts not used for --older-than (see tasks/store_admin.py):
+    """Remove unreferenced artifacts not used for --older-than (see fasttrack/core/store_admin.py):
     promoted models, each run's newest report and their upstream artifacts are always kept."""
-    from tasks.store import ArtifactStore
-    from tasks.store_admin import gc, parse_age
+    from fasttrack.core.store import ArtifactStore
+    from fasttrack.core.store_admin import gc, parse_age
 
     try:
         age = parse_age(older_than)

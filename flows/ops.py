@@ -18,7 +18,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-from tasks.errors import FastTrackError
+from fasttrack.core.errors import FastTrackError
 
 ROOT = Path(__file__).resolve().parent.parent
 POOL = "fasttrack"

@@ -11,26 +11,30 @@ import sys
 from prefect import flow
 from pydantic import BaseModel, Field
 
-from tasks.compute import eval_runner
-from tasks.config import STAGES, RunConfig, load_config
+from fasttrack.core.compute import eval_runner
+from fasttrack.core.config import STAGES, RunConfig
+from fasttrack.core.config_loader import load_config
+from fasttrack.core.errors import ConfigError
+from fasttrack.core.store import ArtifactRef
+from fasttrack.lib.chain import MODEL_CHAIN, MODEL_ORDER, run_models, walk
+from fasttrack.lib.gates import enforce_gates
+from fasttrack.lib.tables import metrics_table, publish_table, retrieval_table
+from flows.runner import RunSummary, StepRunner
+from tasks.base import base_task
 from tasks.data import data_task
 from tasks.dpo import dpo_ref_task, dpo_task
-from tasks.errors import ConfigError
 from tasks.evaluate import evaluate_task
-from tasks.gates import enforce_gates
-from tasks.generate import MODEL_ORDER, run_models
-from tasks.models import base_task
-from tasks.packing import pack_task
+from tasks.pack import pack_task
 from tasks.pretrain import pretrain_task
 from tasks.rag import rag_task
-from tasks.report import RunSummary, StepRunner, metrics_table, publish_table, retrieval_table
-from tasks.run_report import publish_report, report_task
+from tasks.report import publish_report, report_task
 from tasks.sft import sft_task
-from tasks.store import ArtifactRef
 
 STEPS = ("data", "base", "pack", "pretrain", "sft", "dpo_ref", "dpo", "rag", "evaluate", "report")
-MODEL_CHAIN = tuple(reversed(MODEL_ORDER))  # base, pretrain, sft, dpo
-AVAILABLE = ("data", "pretrain", "sft", "dpo", "rag", "evaluate")
+CHAIN_TASKS = {  # the model chain's steps (their order and upstreams: fasttrack/lib/chain.py)
+    "base": base_task, "pack": pack_task, "pretrain": pretrain_task,
+    "sft": sft_task, "dpo_ref": dpo_ref_task, "dpo": dpo_task,
+}  # fmt: skip
 
 
 class PipelineParams(BaseModel):
@@ -39,9 +43,7 @@ class PipelineParams(BaseModel):
     config: str | None = Field(
         None, description="Run config YAML; default: pipeline_configs/tiny-cpu.yaml."
     )
-    stages: list[str] = Field(
-        list(AVAILABLE), description=f"Stages to run, of: {', '.join(AVAILABLE)}."
-    )
+    stages: list[str] = Field(list(STAGES), description=f"Stages to run, of: {', '.join(STAGES)}.")
     overrides: list[str] = Field([], description="Config overrides, e.g. pretrain.max_steps=50.")
     force: list[str] = Field(
         [], description=f"Steps to recompute even if cached: {', '.join(STEPS)} or all."
@@ -52,8 +54,6 @@ def check_params(params: PipelineParams) -> None:
     for stage in params.stages:
         if stage not in STAGES:
             raise ConfigError(f"--stages: unknown stage {stage!r} (stages: {', '.join(STAGES)})")
-        if stage not in AVAILABLE:
-            raise ConfigError(f"--stages: stage {stage!r} is not available yet")
     for step in params.force:
         if step not in (*STEPS, "all"):
             raise ConfigError(f"--force: unknown step {step!r} (steps: {', '.join(STEPS)}, all)")
@@ -84,17 +84,8 @@ def pipeline(params: PipelineParams | None = None) -> RunSummary:
 
     data = run(data_task, cfg)
     index = run.submit(rag_task, cfg, data) if "rag" in wanted else None
-    if wanted - {"data", "rag"}:
-        models["base"] = run(base_task, cfg, data)
-    if "pretrain" in wanted:
-        packed = run(pack_task, cfg, data, models["base"])
-        models["pretrain"] = run(pretrain_task, cfg, packed, models["base"])
-    start = models.get("pretrain", models.get("base"))
-    if wanted & {"sft", "dpo"}:
-        models["sft"] = run(sft_task, cfg, start, data)
-    if "dpo" in wanted:
-        ref = run(dpo_ref_task, cfg, start, models["sft"], data)
-        models["dpo"] = run(dpo_task, cfg, start, models["sft"], ref, data)
+    if wanted - {"data", "rag"}:  # base, [pack, pretrain], sft, [dpo_ref, dpo]
+        models = walk(data, lambda step, *ups: run(CHAIN_TASKS[step], cfg, *ups), wanted)
     rag = run.collect(index) if index else None
     table = []
     if "evaluate" in wanted:

@@ -1,4 +1,4 @@
-"""Rich progress bar for training steps in the CLI, fed by tasks.progress listeners."""
+"""Rich progress bar for training steps in the CLI, fed by fasttrack.core.progress listeners."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tasks.progress import LISTENERS
+from fasttrack.core.progress import LISTENERS
 
 
 @contextmanager

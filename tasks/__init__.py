@@ -1,9 +1,6 @@
-"""LLM FastTrack stage logic. Progress is reported by our own callback and Prefect, so the
-libraries' tqdm bars (which garble logs and the Prefect UI) are off unless the user asks."""
+"""The stages, one module each (spec, build, task). Importing the package registers every stage's
+spec function (`fasttrack.core.stage.SPECS`), which the model chain uses to compute keys."""
 
-import os
+from tasks import base, data, dpo, evaluate, pack, pretrain, rag, report, sft
 
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers + hub bars
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TQDM_DISABLE", "1")  # TRL's reference log-prob bars
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from datasets.map
+__all__ = ["base", "data", "dpo", "evaluate", "pack", "pretrain", "rag", "report", "sft"]

@@ -3,7 +3,7 @@
 Output artifact: `<kind>/<split>.parquet` for each kind present (corpus, sft, preference) and
 `stats.json` (rows loaded / dropped per reason / kept / per split), so a user can see what the
 cleaning did before paying for training. Tokenization is *not* here: it depends on the model's
-tokenizer and lives in the `pack` step (tasks/packing.py), keyed by the tokenizer too.
+tokenizer and lives in the `pack` step (tasks/pack.py), keyed by the tokenizer too.
 """
 
 from __future__ import annotations
@@ -16,7 +16,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.cleaning import (
+from fasttrack.core.config import CleanConfig, RunConfig
+from fasttrack.core.errors import DataError
+from fasttrack.core.stage import BuildResult, StageSpec, run_stage, stage_task
+from fasttrack.core.store import ArtifactRef, ArtifactStore
+from fasttrack.lib.cleaning import (
     CleanStats,
     exact_dedup,
     filter_length,
@@ -24,15 +28,11 @@ from tasks.cleaning import (
     normalize_text,
     split_records,
 )
-from tasks.config import CleanConfig, RunConfig
-from tasks.errors import DataError
-from tasks.hub import hf_token
-from tasks.sources import content_hash, load_source
-from tasks.stage import BuildResult, StageSpec, run_stage, stage_task
-from tasks.store import ArtifactRef, ArtifactStore
+from fasttrack.lib.datasets import SPLITS
+from fasttrack.lib.hub import hf_token
+from fasttrack.lib.sources import content_hash, load_source
 
 VERSION = "1"
-SPLITS = ("train", "validation", "test")
 
 
 def text_of(kind: str) -> Callable[[dict], str]:
@@ -137,19 +137,3 @@ def prepare_data(cfg: RunConfig, force: bool = False) -> ArtifactRef:
 data_task = stage_task(lambda cfg: data_spec(cfg), name="data", retries=1, retry_delay_seconds=2)(
     prepare_data
 )
-
-
-def has_kind(store: ArtifactStore, ref: ArtifactRef, kind: str) -> bool:
-    return (store.local_path(ref) / kind / "train.parquet").exists()
-
-
-def read_split(store: ArtifactStore, ref: ArtifactRef, kind: str, split: str) -> list[dict]:
-    """Rows of one split of one kind from a data artifact."""
-    path = store.local_path(ref) / kind / f"{split}.parquet"
-    if not path.exists():
-        kinds = sorted(p.name for p in store.local_path(ref).iterdir() if p.is_dir())
-        raise DataError(
-            f"data: no {kind} dataset in the data artifact (have: {', '.join(kinds) or 'none'}); "
-            f"add a source whose format produces {kind} rows"
-        )
-    return pq.read_table(path).to_pylist()

@@ -16,15 +16,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.adapters import load_for_training, trainable_snapshot, unchanged_tensors
-from tasks.config import RunConfig
-from tasks.data import read_split
-from tasks.errors import ModelError, StoreError
-from tasks.models import pick_device
-from tasks.scoring import preference_accuracy
-from tasks.stage import BuildResult, StageSpec, run_stage, stage_task
-from tasks.store import ArtifactRef, ArtifactStore
-from tasks.training import (
+from fasttrack.core.config import RunConfig
+from fasttrack.core.errors import ModelError, StoreError
+from fasttrack.core.stage import BuildResult, StageSpec, run_stage, stage_task
+from fasttrack.core.store import ArtifactRef, ArtifactStore
+from fasttrack.lib.adapters import load_for_training, trainable_snapshot, unchanged_tensors
+from fasttrack.lib.datasets import read_split
+from fasttrack.lib.models import pick_device
+from fasttrack.lib.scoring import preference_accuracy
+from fasttrack.lib.training import (
     dtype_name,
     run_trainer,
     train_stage,

@@ -1,9 +1,9 @@
 """Evaluation stage: metrics of one model on held-out data, cached per (model, data, eval config).
 
 One artifact per model, so adding a stage to a run evaluates only the new model. Perplexity uses
-the token-weighted strided protocol of tasks/perplexity.py over the held-out corpus documents,
-each followed by EOS (as in training); the manifest records the exact protocol, and bits per
-byte makes models with different tokenizers comparable.
+the token-weighted strided protocol of fasttrack/lib/perplexity.py over the held-out corpus
+documents, each followed by EOS (as in training); the manifest records the exact protocol, and
+bits per byte makes models with different tokenizers comparable.
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ from pathlib import Path
 
 import torch
 
-from tasks.config import RunConfig
-from tasks.data import has_kind, read_split
-from tasks.errors import ModelError
-from tasks.generate import generate
-from tasks.models import load_model, max_positions, pick_device
-from tasks.perplexity import strided_perplexity
-from tasks.scoring import completion_loss, preference_accuracy
-from tasks.stage import BuildResult, StageSpec, run_stage, stage_task
-from tasks.store import ArtifactRef, ArtifactStore
-from tasks.textmetrics import bleu, rouge
+from fasttrack.core.config import RunConfig
+from fasttrack.core.errors import ModelError
+from fasttrack.core.stage import BuildResult, StageSpec, run_stage, stage_task
+from fasttrack.core.store import ArtifactRef, ArtifactStore
+from fasttrack.lib.datasets import has_kind, read_split
+from fasttrack.lib.generate import generate
+from fasttrack.lib.models import load_model, max_positions, pick_device
+from fasttrack.lib.perplexity import strided_perplexity
+from fasttrack.lib.scoring import completion_loss, preference_accuracy
+from fasttrack.lib.textmetrics import bleu, rouge
 
 VERSION = "1"
 
@@ -110,8 +110,8 @@ def _last(row: dict, role: str) -> str:
 def build_rag_eval(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     """The model answering with retrieved context: ROUGE/BLEU of those answers, plus the
     index's recall@k, so retrieval sits in the same comparison table."""
-    from tasks.ask import build_prompt
-    from tasks.retrieval import Retriever
+    from fasttrack.lib.ask import build_prompt
+    from fasttrack.lib.retrieval import Retriever
 
     store, rag = ArtifactStore(cfg.store), spec.upstream["rag"]
     model, tok = load_model(cfg, spec.upstream["model"])

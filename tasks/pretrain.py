@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from tasks.config import RunConfig
-from tasks.models import load_model, pick_device
-from tasks.stage import BuildResult, StageSpec, run_stage, stage_task
-from tasks.store import ArtifactRef, ArtifactStore
-from tasks.training import (
+from fasttrack.core.config import RunConfig
+from fasttrack.core.stage import BuildResult, StageSpec, run_stage, stage_task
+from fasttrack.core.store import ArtifactRef, ArtifactStore
+from fasttrack.lib.models import load_model, pick_device
+from fasttrack.lib.training import (
     dtype_name,
     run_trainer,
     train_stage,

@@ -18,10 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from tasks.config import RunConfig
-from tasks.data import SPLITS, read_split
-from tasks.errors import DataError, ModelError
-from tasks.retrieval import (
+from fasttrack.core.config import RunConfig
+from fasttrack.core.errors import DataError, ModelError
+from fasttrack.core.log import get_logger
+from fasttrack.core.stage import BuildResult, StageSpec, run_stage, stage_task
+from fasttrack.core.store import ArtifactRef, ArtifactStore, canonical_json, sha256_file
+from fasttrack.lib.datasets import SPLITS, read_split
+from fasttrack.lib.retrieval import (
     BM25_DIR,
     CHUNKS_FILE,
     EMBEDDINGS_FILE,
@@ -36,8 +39,6 @@ from tasks.retrieval import (
     chunk_document,
     resolve_embedder,
 )
-from tasks.stage import BuildResult, StageSpec, get_logger, run_stage, stage_task
-from tasks.store import ArtifactRef, ArtifactStore, canonical_json, sha256_file
 
 VERSION = "1"
 DOC_SUFFIXES = (".txt", ".md")

@@ -1,111 +1,172 @@
-"""Run bookkeeping: which steps executed or were cached, and the metrics table of the run.
+"""The report of a run: one comparison table, retrieval figures, gates, samples and plots.
 
-Kept out of flows/ so the flow stays an outline: `StepRunner` calls a stage task, records whether
-Prefect/the store answered it from cache, and returns the ref.
+A cached artifact keyed by the evaluation (and RAG) artifacts it summarises plus the gates, so
+`fasttrack report` can re-print any past run from the store alone; it is also published to the
+Prefect UI as the markdown artifact `fasttrack-report`.
 """
 
 from __future__ import annotations
 
-import inspect
-import time
-from typing import Any, Literal
+import json
+from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel
+from fasttrack.core.config import RunConfig
+from fasttrack.core.log import get_logger
+from fasttrack.core.stage import BuildResult, StageSpec, run_stage, stage_task
+from fasttrack.core.store import ArtifactRef, ArtifactStore
+from fasttrack.lib.gates import check_gates, describe
+from fasttrack.lib.tables import metrics_table, retrieval_table
 
-from tasks.store import ArtifactRef
-
-TABLE_KEY = "fasttrack-metrics"
-TABLE_COLUMNS = ("perplexity", "bits_per_byte", "sft_loss", "rouge1", "rouge2", "rougeL", "bleu",
-                 "pref_accuracy", "pref_margin", "recall@5")  # fmt: skip
-RETRIEVAL_COLUMNS = ("recall@1", "recall@5", "recall@10", "mrr")
-
-
-class StepRecord(BaseModel):
-    step: str
-    key: str
-    status: Literal["executed", "cached"]
-    seconds: float
-    metrics: dict[str, Any] = {}
+VERSION = "1"
+REPORT_KEY = "fasttrack-report"
+TRAINING = ("pretrain", "sft", "dpo")
 
 
-class RunSummary(BaseModel):
-    name: str
-    store: str
-    steps: list[StepRecord]
-    table: list[dict[str, Any]]
-    retrieval: list[dict[str, Any]] = []
-
-    @property
-    def executed(self) -> list[str]:
-        return [s.step for s in self.steps if s.status == "executed"]
-
-
-class StepRunner:
-    """Run stage tasks with per-step force flags; remember what ran and what was reused."""
-
-    def __init__(self, force: list[str] | None = None):
-        self.force = set(force or [])
-        self.steps: list[StepRecord] = []
-
-    def __call__(self, task: Any, *args: Any, label: str | None = None) -> ArtifactRef:
-        started = time.perf_counter()
-        state = task(*args, force=self._forced(task), return_state=True)
-        return self._record(label or task.name, state, time.perf_counter() - started)
-
-    def submit(self, task: Any, *args: Any, label: str | None = None, runner: Any = None) -> Any:
-        """Start a step concurrently; `collect` it later. `runner`: a started Prefect task
-        runner (e.g. Dask) to use instead of the flow's own."""
-        started, finished = time.perf_counter(), []
-        if runner is None:
-            future = task.submit(*args, force=self._forced(task))
-        else:
-            bound = inspect.signature(task.fn).bind(*args, force=self._forced(task))
-            future = runner.submit(task, parameters=dict(bound.arguments))
-        future.add_done_callback(lambda _: finished.append(time.perf_counter()))
-        return label or task.name, future, started, finished
-
-    def collect(self, pending: Any) -> ArtifactRef:
-        name, future, started, finished = pending
-        future.wait()
-        end = finished[0] if finished else time.perf_counter()
-        return self._record(name, future.state, end - started)
-
-    def _forced(self, task: Any) -> bool:
-        return task.name in self.force or "all" in self.force
-
-    def _record(self, step: str, state: Any, seconds: float) -> ArtifactRef:
-        ref: ArtifactRef = state.result()  # re-raises the task's error if it failed
-        status = "cached" if state.name == "Cached" else "executed"
-        self.steps.append(StepRecord(step=step, key=ref.key, status=status,
-                                     seconds=round(seconds, 3), metrics=ref.metrics))  # fmt: skip
-        return ref
+def report_spec(
+    cfg: RunConfig,
+    evals: dict[str, ArtifactRef],
+    models: dict[str, ArtifactRef],
+    rag: ArtifactRef | None = None,
+) -> StageSpec:
+    upstream = {f"eval:{m}": ref for m, ref in evals.items()}
+    upstream |= {f"model:{m}": ref for m, ref in models.items()}
+    if rag is not None:
+        upstream["rag"] = rag
+    return StageSpec("report", VERSION, {"run": cfg.name, "gates": cfg.evaluate.gates}, upstream)
 
 
-def metrics_table(evals: dict[str, ArtifactRef]) -> list[dict[str, Any]]:
-    """One row per evaluated model (stage name), the metric columns of TABLE_COLUMNS."""
-    rows = []
+def _md_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    cols = list(rows[0])
+
+    def cell(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else "–" if v is None else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render(
+    cfg: RunConfig, table: list, retrieval: list, gates: list, samples: dict, plots: list
+) -> str:
+    parts = [
+        f"# FastTrack report: `{cfg.name}`",
+        "",
+        "## Models on held-out data",
+        "",
+        _md_table(table),
+    ]
+    if retrieval:
+        parts += ["", "## Retrieval (held-out questions)", "", _md_table(retrieval)]
+    if gates:
+        parts += ["", "## Promotion gates", ""] + [f"- {describe(g)}" for g in gates]
+    for plot in plots:
+        parts += ["", f"![{plot}]({plot})"]
+    if samples:
+        parts += ["", "## Sample generations", ""]
+        for model, rows in samples.items():
+            for row in rows[:2]:
+                parts += [
+                    f"**{model}** — _{row['prompt']}_",
+                    "",
+                    f"> {row['prediction'] or '(empty)'}",
+                    "",
+                ]
+    decoding = cfg.generation.model_dump()
+    parts += ["", f"Decoding: `{json.dumps(decoding)}`; seed {cfg.seed}."]
+    return "\n".join(parts) + "\n"
+
+
+def build_report(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
+    store = ArtifactStore(cfg.store)
+    evals = {k.removeprefix("eval:"): v for k, v in spec.upstream.items() if k.startswith("eval:")}
+    models = {
+        k.removeprefix("model:"): v for k, v in spec.upstream.items() if k.startswith("model:")
+    }
+    table = metrics_table(evals)
+    retrieval = retrieval_table(spec.upstream["rag"]) if "rag" in spec.upstream else []
+    gates = check_gates(cfg.evaluate.gates, table)
+    samples = {}
     for model, ref in evals.items():
-        row: dict[str, Any] = {"model": model}
-        row.update({col: ref.metrics.get(col) for col in TABLE_COLUMNS})
-        row["eval_key"] = ref.short
-        rows.append(row)
-    return rows
+        path = store.local_path(ref) / "samples.jsonl"
+        if path.exists():
+            samples[model] = [json.loads(line) for line in path.read_text().splitlines()]
+    plots = make_plots(store, models, table, out)
+    (out / "report.md").write_text(render(cfg, table, retrieval, gates, samples, plots))
+    summary = {"table": table, "retrieval": retrieval, "gates": [g.__dict__ for g in gates]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    metrics = {
+        "gates_passed": sum(g.passed for g in gates),
+        "gates_failed": sum(not g.passed for g in gates),
+    }
+    return BuildResult(metrics=metrics, extra={"run": cfg.name, "summary": summary})
 
 
-def retrieval_table(rag: ArtifactRef) -> list[dict[str, Any]]:
-    """One row per retrieval mode (dense, bm25, hybrid) of the RAG artifact's evaluation."""
-    rows = []
-    for mode in ("dense", "bm25", "hybrid"):
-        values = {c: rag.metrics.get(f"{mode}.{c}") for c in RETRIEVAL_COLUMNS}
-        if any(v is not None for v in values.values()):
-            rows.append({"retrieval": mode, **values})
-    return rows
+def make_plots(store: ArtifactStore, models: dict, table: list, out: Path) -> list[str]:
+    """Loss curves of the training stages and metric bars; skipped (logged) if plotting fails."""
+    try:
+        from fasttrack.lib.plots import loss_curves, metric_bars
+
+        histories = {}
+        for stage in TRAINING:
+            if stage in models:
+                log = store.local_path(models[stage]) / "log_history.json"
+                if log.exists():
+                    histories[stage] = json.loads(log.read_text())
+        made = []
+        if histories:
+            made.append(loss_curves(histories, out / "loss_curves.png").name)
+        metrics = [m for m in ("perplexity", "sft_loss", "rougeL", "bleu", "pref_accuracy")
+                   if any(r.get(m) is not None for r in table)]  # fmt: skip
+        if table and metrics:
+            made.append(metric_bars(table, metrics, out / "metrics.png").name)
+        return made
+    except Exception as exc:  # plots are a nicety; the report must not fail because of them
+        get_logger().warning("report: plots skipped: %s", exc)
+        return []
 
 
-def publish_table(rows: list[dict[str, Any]], run_name: str) -> None:
-    """The metrics table as a Prefect table artifact with a stable key (history in the UI)."""
-    from prefect.artifacts import create_table_artifact
-
-    create_table_artifact(
-        table=rows, key=TABLE_KEY, description=f"FastTrack metrics of run config `{run_name}`"
+def write_report(
+    cfg: RunConfig,
+    evals: dict[str, ArtifactRef],
+    models: dict[str, ArtifactRef],
+    rag: ArtifactRef | None = None,
+    force: bool = False,
+) -> ArtifactRef:
+    """Report step of the evaluation stage."""
+    spec = report_spec(cfg, evals, models, rag)
+    return run_stage(
+        ArtifactStore(cfg.store), spec, lambda out: build_report(cfg, spec, out), force
     )
+
+
+report_task = stage_task(report_spec, name="report")(write_report)
+
+
+def publish_report(cfg: RunConfig, report: ArtifactRef) -> str:
+    """The report as the Prefect markdown artifact `fasttrack-report` (stable key: history)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    text = (ArtifactStore(cfg.store).local_path(report) / "report.md").read_text()
+    create_markdown_artifact(markdown=text, key=REPORT_KEY, description=f"run {cfg.name}")
+    return text
+
+
+def find_report(store: ArtifactStore, run: str = "latest") -> tuple[dict, Path]:
+    """(manifest, report.md path) of the newest report of run `run` (a config name) or of any."""
+    from fasttrack.core.errors import FastTrackError
+
+    reports = [m for m in store.manifests() if m["stage"] == "report"]
+    if run != "latest":
+        reports = [m for m in reports if m.get("run") == run]
+    if not reports:
+        names = sorted({m.get("run", "?") for m in store.manifests() if m["stage"] == "report"})
+        raise FastTrackError(
+            f"report: no report of {run!r} in {store.url} (runs: {', '.join(names) or 'none'})"
+        )
+    newest = max(reports, key=lambda m: m["created_at"])
+    ref = ArtifactRef(stage="report", key=newest["key"], uri=store.uri("report", newest["key"]))
+    return newest, store.local_path(ref) / "report.md"

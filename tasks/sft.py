@@ -12,18 +12,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tasks.adapters import (
+from fasttrack.core.config import RunConfig
+from fasttrack.core.stage import BuildResult, StageSpec, run_stage, stage_task
+from fasttrack.core.store import ArtifactRef, ArtifactStore
+from fasttrack.lib.adapters import (
     load_for_training,
     lora_config,
     trainable_snapshot,
     unchanged_tensors,
 )
-from tasks.config import RunConfig
-from tasks.data import read_split
-from tasks.models import load_model, pick_device
-from tasks.stage import BuildResult, StageSpec, run_stage, stage_task
-from tasks.store import ArtifactRef, ArtifactStore
-from tasks.training import (
+from fasttrack.lib.datasets import read_split
+from fasttrack.lib.models import load_model, pick_device
+from fasttrack.lib.training import (
     dtype_name,
     run_trainer,
     train_stage,

@@ -16,7 +16,8 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tasks.config import RunConfig, load_config  # noqa: E402
+from fasttrack.core.config import RunConfig
+from fasttrack.core.config_loader import load_config  # noqa: E402
 
 _TINY_TRAIN = {
     "per_device_batch_size": 8,
@@ -100,7 +101,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     `model.name_or_path` at; tests copy it before breaking it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tasks.models import CHAT_TEMPLATE, build_tokenizer
+    from fasttrack.lib.models import CHAT_TEMPLATE, build_tokenizer
 
     path = tmp_path_factory.mktemp("model") / "tiny"
     tok = build_tokenizer(["one two three four five six"] * 20, 300, 1, CHAT_TEMPLATE)

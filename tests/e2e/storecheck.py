@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.store import ArtifactStore
+from fasttrack.core.store import ArtifactStore
 from tests.conftest import tiny_config_dict, write_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from fasttrack.core.store import ArtifactStore
 from flows.cli import app
-from tasks.store import ArtifactStore
 from tests.e2e.bad_inputs import CASES, Case, Ctx, render_doc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
@@ -64,8 +64,8 @@ def test_table_size_and_docs_are_current() -> None:
 
 def test_large_record_limit_is_configurable(tmp_path: Path) -> None:
     """The 10 MB line is rejected by default and loads with `data.max_record_chars: null`."""
-    from tasks.config import SourceConfig
-    from tasks.sources import load_source
+    from fasttrack.core.config import SourceConfig
+    from fasttrack.lib.sources import load_source
     from tests.e2e.bad_inputs import BIG_LINE
 
     path = tmp_path / "big.jsonl"

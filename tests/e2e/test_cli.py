@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from fasttrack.core.store import ArtifactStore
 from flows.cli import app
-from tasks.store import ArtifactStore
 from tests.conftest import tiny_config_dict, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import load_config
-from tasks.store import ArtifactStore
+from fasttrack.core.config_loader import load_config
+from fasttrack.core.store import ArtifactStore
 from tests.e2e.storecheck import ROOT, assert_consistent, cli_env, fault_config, spawn
 
 pytestmark = pytest.mark.e2e

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import load_config
-from tasks.store import ArtifactStore
+from fasttrack.core.config_loader import load_config
+from fasttrack.core.store import ArtifactStore
 from tests.conftest import tiny_config_dict, write_config
 
 pytestmark = pytest.mark.e2e

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from fasttrack.core.config_loader import load_config
+from fasttrack.core.store import ArtifactStore
+from fasttrack.lib.training import checkpoint_complete
 from flows.cli import app
 from flows.pipeline import PipelineParams, pipeline
-from tasks.config import load_config
-from tasks.store import ArtifactStore
-from tasks.training import checkpoint_complete
 from tests.conftest import disk_full_on_publish
 from tests.e2e.storecheck import (
     assert_consistent,

@@ -12,20 +12,20 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tasks.config import load_config
-from tasks.store import ArtifactStore
-from tasks.training import checkpoint_complete
+from fasttrack.core.config_loader import load_config
+from fasttrack.core.store import ArtifactStore
+from fasttrack.lib.training import checkpoint_complete
 from tests.conftest import tiny_config_dict, write_config
 
 pytestmark = pytest.mark.e2e
 
 
 def training_children() -> list[psutil.Process]:
-    """This process's training children (`python -m tasks.isolation ...`)."""
+    """This process's training children (`python -m fasttrack.core.isolation ...`)."""
     found = []
     for proc in psutil.Process().children(recursive=True):
         try:
-            if "tasks.isolation" in proc.cmdline():
+            if "fasttrack.core.isolation" in proc.cmdline():
                 found.append(proc)
         except psutil.NoSuchProcess:
             continue

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fasttrack.core.store import ArtifactStore
 from flows.pipeline import PipelineParams, pipeline
-from tasks.store import ArtifactStore
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
 TRAINING_STEPS = ["data", "base", "pack", "pretrain", "sft", "dpo_ref", "dpo", "rag"]

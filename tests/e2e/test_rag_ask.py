@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from fasttrack.core.store import ArtifactStore
 from flows.cli import app
 from flows.pipeline import PipelineParams, pipeline
-from tasks.store import ArtifactStore
 from tests.conftest import tiny_config_dict, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]

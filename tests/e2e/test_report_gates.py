@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from fasttrack.lib.gates import GateError
 from flows.cli import app
 from flows.pipeline import PipelineParams, pipeline
-from tasks.gates import GateError
 from tests.conftest import tiny_config_dict, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]

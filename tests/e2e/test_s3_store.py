@@ -20,11 +20,11 @@ import fsspec
 import pytest
 from prefect import flow, task
 
-from tasks import store_remote
-from tasks.config import StoreConfig
-from tasks.errors import StoreError
-from tasks.stage import BuildResult, StageSpec, run_stage
-from tasks.store import MANIFEST, ArtifactRef, ArtifactStore
+from fasttrack.core import store_remote
+from fasttrack.core.config import StoreConfig
+from fasttrack.core.errors import StoreError
+from fasttrack.core.stage import BuildResult, StageSpec, run_stage
+from fasttrack.core.store import MANIFEST, ArtifactRef, ArtifactStore
 from tests.conftest import S3_TEST_ENV, tiny_config_dict, write_config
 
 pytestmark = pytest.mark.e2e

@@ -11,10 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fasttrack.core.config import RunConfig
+from fasttrack.core.errors import ModelError
+from fasttrack.lib.models import load_pretrained
 from flows.cli import app
-from tasks.config import RunConfig
-from tasks.errors import ModelError
-from tasks.models import load_pretrained
 from tests.conftest import tiny_config_dict, write_config
 from tests.e2e.bad_inputs import remote_code
 
@@ -155,8 +155,8 @@ def test_hub_token_is_used_but_never_stored_or_logged(
 def test_hub_dataset_gets_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
     import datasets
 
-    from tasks.config import SourceConfig
-    from tasks.sources import load_source
+    from fasttrack.core.config import SourceConfig
+    from fasttrack.lib.sources import load_source
 
     calls = []
     monkeypatch.setattr(

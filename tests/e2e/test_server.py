@@ -17,9 +17,9 @@ import httpx
 import psutil
 import pytest
 
-from tasks.compute import free_port
-from tasks.config import load_config
-from tasks.store import ArtifactStore
+from fasttrack.core.compute import free_port
+from fasttrack.core.config_loader import load_config
+from fasttrack.core.store import ArtifactStore
 from tests.conftest import tiny_config_dict, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.server]
@@ -199,7 +199,7 @@ def test_cancel_stops_the_training_child(server, worker, tmp_path, client_settin
     while child is None and time.monotonic() < deadline:
         for proc in psutil.Process(worker.pid).children(recursive=True):
             try:
-                if "tasks.isolation" in proc.cmdline():
+                if "fasttrack.core.isolation" in proc.cmdline():
                     child = proc
             except psutil.NoSuchProcess:
                 continue

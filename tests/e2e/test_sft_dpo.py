@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fasttrack.core.config_loader import load_config
+from fasttrack.core.store import ArtifactStore
 from flows.pipeline import PipelineParams, pipeline
-from tasks.config import load_config
-from tasks.store import ArtifactStore
 from tests.conftest import tiny_config_dict, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
@@ -89,8 +89,8 @@ def test_eos_is_in_the_trained_labels(run) -> None:
     """The chat template closes each answer with EOS; it must be inside the loss mask."""
     import datasets
 
-    from tasks.adapters import load_for_training
-    from tasks.data import read_split
+    from fasttrack.lib.adapters import load_for_training
+    from fasttrack.lib.datasets import read_split
     from tasks.sft import prompt_completion, sft_trainer
 
     _, cfg, store, refs = run

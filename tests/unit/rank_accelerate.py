@@ -1,5 +1,5 @@
 """A rank of tests/unit/test_fsdp.py's 2-process gloo launch (its own module so spawned ranks
-import only accelerate and tasks.fsdp)."""
+import only accelerate and fasttrack.core.fsdp)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def promotion(rank: int, world: int, port: int, out: str) -> None:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from tasks.fsdp import enable_fsdp_on_cpu, fsdp_requested
+    from fasttrack.core.fsdp import enable_fsdp_on_cpu, fsdp_requested
 
     result: dict[str, object] = {"requested": fsdp_requested()}
     result["stock"] = str(Accelerator().distributed_type)

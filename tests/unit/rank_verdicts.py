@@ -1,5 +1,5 @@
 """A rank of tests/unit/test_guards.py's 2-process gloo group (its own module so spawned ranks
-import only torch and tasks.guards, not the test module)."""
+import only torch and fasttrack.lib.guards, not the test module)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def verdicts(rank: int, world: int, port: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
 
-    from tasks.guards import finite_flags
+    from fasttrack.lib.guards import finite_flags
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)  # fmt: skip

@@ -3,12 +3,12 @@ from pathlib import Path
 
 import pytest
 
-from tasks import adapters
-from tasks.config import load_config
+from fasttrack.core.config_loader import load_config
+from fasttrack.core.errors import ModelError
+from fasttrack.core.store import ArtifactRef
+from fasttrack.lib import adapters
+from tasks.base import resolve_base
 from tasks.data import prepare_data
-from tasks.errors import ModelError
-from tasks.models import resolve_base
-from tasks.store import ArtifactRef
 from tests.conftest import tiny_config_dict, write_config
 
 
@@ -48,7 +48,7 @@ def test_four_bit_really_runs_on_this_cpu() -> None:
 
 
 def test_missing_chat_template_says_how_to_set_one(tmp_path: Path, tiny_cfg, base) -> None:
-    from tasks.models import load_model
+    from fasttrack.lib.models import load_model
 
     model, tok = load_model(tiny_cfg, base)
     tok.chat_template = None

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from tasks.cleaning import (
+from fasttrack.lib.cleaning import (
     REASONS,
     CleanStats,
     exact_dedup,

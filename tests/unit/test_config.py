@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import DEFAULT_CONFIG, RunConfig, load_config
-from tasks.errors import ConfigError
+from fasttrack.core.config import DEFAULT_CONFIG, RunConfig
+from fasttrack.core.config_loader import load_config
+from fasttrack.core.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "pipeline_configs"
 

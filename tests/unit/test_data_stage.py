@@ -4,10 +4,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config import load_config
-from tasks.data import data_spec, prepare_data, read_split
-from tasks.errors import DataError
-from tasks.store import ArtifactStore
+from fasttrack.core.config_loader import load_config
+from fasttrack.core.errors import DataError
+from fasttrack.core.store import ArtifactStore
+from fasttrack.lib.datasets import read_split
+from tasks.data import data_spec, prepare_data
 from tests.conftest import tiny_config_dict, write_config
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tasks.fsdp import enable_fsdp_on_cpu, shard_report
+from fasttrack.core.fsdp import enable_fsdp_on_cpu, shard_report
 
 
 def test_plain_model_reports_no_sharding() -> None:
@@ -29,7 +29,7 @@ def test_cpu_ranks_launched_with_fsdp_become_fsdp2(tmp_path) -> None:
 
     import torch.multiprocessing as mp
 
-    from tasks.compute import free_port
+    from fasttrack.core.compute import free_port
     from tests.unit.rank_accelerate import promotion
 
     mp.spawn(promotion, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)

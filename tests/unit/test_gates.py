@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from tasks.config import load_config
-from tasks.errors import ConfigError
-from tasks.gates import GateError, check_gates, describe, promote_or_fail
-from tasks.store import ArtifactRef, ArtifactStore
+from fasttrack.core.config_loader import load_config
+from fasttrack.core.errors import ConfigError
+from fasttrack.core.store import ArtifactRef, ArtifactStore
+from fasttrack.lib.gates import GateError, check_gates, describe, promote_or_fail
 from tests.conftest import tiny_config_dict, write_config
 
 TABLE = [
@@ -50,7 +50,7 @@ def test_fail_names_every_failed_gate_and_pass_promotes(tmp_path) -> None:
 def test_concurrent_promotions_keep_every_run_and_corrupt_file_is_not_overwritten(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from tasks.errors import StoreError
+    from fasttrack.core.errors import StoreError
 
     store = ArtifactStore(tmp_path / "s")
     good = check_gates(["sft.perplexity < base.perplexity"], TABLE)

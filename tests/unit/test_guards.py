@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.config import TrainingConfig
-from tasks.guards import TrainingError
+from fasttrack.core.config import TrainingConfig
+from fasttrack.lib.guards import TrainingError
+from fasttrack.lib.training import run_trainer, trainer_kwargs, training_key_config
 from tasks.pretrain import collate_blocks
-from tasks.training import run_trainer, trainer_kwargs, training_key_config
 
 
 class Snapshots:
@@ -127,7 +127,7 @@ def test_verdict_is_collective_and_reads_sharded_gradients(tmp_path: Path) -> No
 
     import torch.multiprocessing as mp
 
-    from tasks.compute import free_port
+    from fasttrack.core.compute import free_port
     from tests.unit.rank_verdicts import verdicts
 
     mp.spawn(verdicts, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)  # fresh ranks

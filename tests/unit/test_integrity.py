@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks import integrity
-from tasks.errors import StoreError
-from tasks.stage import BuildResult, StageSpec, run_stage
-from tasks.store import ArtifactStore
+from fasttrack.core import integrity
+from fasttrack.core.errors import StoreError
+from fasttrack.core.stage import BuildResult, StageSpec, run_stage
+from fasttrack.core.store import ArtifactStore
 from tests.conftest import disk_full_on_publish
 
 SPEC = StageSpec("demo", "1", {"n": 1})

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import DataError
-from tasks.isolation import ChildCrashed, StageTimeout, run_isolated
-from tasks.progress import LISTENERS, ProgressReporter
+from fasttrack.core.errors import DataError
+from fasttrack.core.isolation import ChildCrashed, StageTimeout, run_isolated
+from fasttrack.core.progress import LISTENERS, ProgressReporter
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -115,7 +115,7 @@ def test_child_dies_with_a_sigkilled_parent(tmp_path):
     pid_file = tmp_path / "pid"
     parent = textwrap.dedent(f"""
         from tests.unit.test_isolation import sleep_forever
-        from tasks.isolation import run_isolated
+        from fasttrack.core.isolation import run_isolated
         run_isolated(sleep_forever, {str(pid_file)!r}, stage="unit")
     """)
     proc = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT)

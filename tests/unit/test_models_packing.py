@@ -3,12 +3,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config import load_config
-from tasks.data import prepare_data, read_split
-from tasks.errors import ModelError
-from tasks.models import EOS, base_spec, build_tokenizer, load_model, resolve_base
-from tasks.packing import pack, pack_blocks, pack_spec
-from tasks.store import ArtifactStore
+from fasttrack.core.config_loader import load_config
+from fasttrack.core.errors import ModelError
+from fasttrack.core.store import ArtifactStore
+from fasttrack.lib.datasets import read_split
+from fasttrack.lib.models import CHAT_TEMPLATE, EOS, build_tokenizer, load_model
+from tasks.base import base_spec, resolve_base
+from tasks.data import prepare_data
+from tasks.pack import pack, pack_blocks, pack_spec
 from tests.conftest import tiny_config_dict, write_config
 
 
@@ -23,7 +25,7 @@ def test_pack_blocks_eos_between_docs_and_nothing_lost() -> None:
 
 def test_tokenizer_specials_and_chat_template() -> None:
     texts = ["def f(x):\n    return x + 1\n", "The quick brown fox. " * 20]
-    tok = build_tokenizer(texts, 300, 1, __import__("tasks.models").models.CHAT_TEMPLATE)
+    tok = build_tokenizer(texts, 300, 1, CHAT_TEMPLATE)
     assert tok.eos_token == EOS and tok.pad_token_id != tok.eos_token_id
     assert tok.decode(tok("héllo wörld ✓")["input_ids"]) == "héllo wörld ✓"  # byte-level: no unk
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]

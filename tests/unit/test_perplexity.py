@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from tasks.perplexity import PerplexityResult, strided_perplexity
+from fasttrack.lib.perplexity import PerplexityResult, strided_perplexity
 
 N = 150
 

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from tasks.config import RunConfig, load_config
-from tasks.errors import ModelError
-from tasks.planner import GiB, StagePlan, model_config, parse_size, plan, render_plan
+from fasttrack.core.config import RunConfig
+from fasttrack.core.config_loader import load_config
+from fasttrack.core.errors import ModelError
+from fasttrack.lib.planner import GiB, StagePlan, model_config, parse_size, plan, render_plan
 from tests.conftest import tiny_config_dict, write_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

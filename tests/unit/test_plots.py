@@ -2,7 +2,7 @@ import pytest
 from matplotlib import pyplot as plt
 from PIL import Image
 
-from tasks.plots import PANEL_H, PANEL_W, loss_curves, metric_bars
+from fasttrack.lib.plots import PANEL_H, PANEL_W, loss_curves, metric_bars
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import torch
 
+from fasttrack.lib.training import last_checkpoint
 from tasks.pretrain import collate_blocks, pretrain_spec
-from tasks.training import last_checkpoint
 
 
 def _checkpoint(work: Path, step: int, complete: bool = True, optimizer="optimizer.pt") -> Path:
@@ -43,7 +43,7 @@ def test_collate_masks_padding_out_of_the_loss() -> None:
 
 
 def test_logging_knobs_do_not_change_the_key(tiny_cfg) -> None:
-    from tasks.store import ArtifactRef
+    from fasttrack.core.store import ArtifactRef
 
     ref = ArtifactRef(stage="pack", key="a" * 64, uri="x")
     base = ArtifactRef(stage="base", key="b" * 64, uri="y")

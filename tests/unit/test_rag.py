@@ -13,10 +13,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config import RunConfig, load_config
-from tasks.errors import DataError, ModelError
-from tasks.rag import build_index, family_of, rag_spec, rag_task
-from tasks.retrieval import (
+from fasttrack.core.config import RunConfig
+from fasttrack.core.config_loader import load_config
+from fasttrack.core.errors import DataError, ModelError
+from fasttrack.core.store import ArtifactStore
+from fasttrack.lib.retrieval import (
     MODES,
     Document,
     Embedder,
@@ -25,7 +26,7 @@ from tasks.retrieval import (
     headings,
     resolve_embedder,
 )
-from tasks.store import ArtifactStore
+from tasks.rag import build_index, family_of, rag_spec, rag_task
 from tests.conftest import tiny_config_dict, write_config
 
 DOCS = {

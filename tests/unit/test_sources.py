@@ -5,9 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config import SourceConfig
-from tasks.errors import DataError
-from tasks.sources import content_hash, load_source
+from fasttrack.core.config import SourceConfig
+from fasttrack.core.errors import DataError
+from fasttrack.lib.sources import content_hash, load_source
 
 
 def _jsonl(path: Path, rows: list) -> Path:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import StoreError
-from tasks.stage import BuildResult, StageSpec, run_stage
-from tasks.store import ArtifactStore, compute_key
+from fasttrack.core.errors import StoreError
+from fasttrack.core.stage import BuildResult, StageSpec, run_stage
+from fasttrack.core.store import ArtifactStore, compute_key
 
 
 def test_key_is_deterministic_and_sensitive() -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from fasttrack.core.errors import FastTrackError
+from fasttrack.core.store import ArtifactStore, compute_key
+from fasttrack.core.store_admin import gc, parse_age, referenced, verify_all
 from flows.cli import app
-from tasks.errors import FastTrackError
-from tasks.store import ArtifactStore, compute_key
-from tasks.store_admin import gc, parse_age, referenced, verify_all
 
 runner = CliRunner()
 DAY = 86400.0

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks import store_remote
-from tasks.config import load_config
-from tasks.errors import ConfigError, StoreError
-from tasks.stage import BuildResult, StageSpec, run_stage
-from tasks.store import ArtifactStore
+from fasttrack.core import store_remote
+from fasttrack.core.config_loader import load_config
+from fasttrack.core.errors import ConfigError, StoreError
+from fasttrack.core.stage import BuildResult, StageSpec, run_stage
+from fasttrack.core.store import ArtifactStore
 
 BASE = "data:\n  sources:\n    - {path: 'demo:pydoc_topics', format: text}\n"
 

@@ -4,7 +4,7 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
-from tasks.textmetrics import ROUGE_TYPES, bleu, rouge
+from fasttrack.lib.textmetrics import ROUGE_TYPES, bleu, rouge
 
 # A perfect match, a total miss and a partial overlap.
 PREDS = ["the cat sat on the mat", "blue green red", "the quick brown fox"]

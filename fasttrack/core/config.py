@@ -12,10 +12,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.compute import ComputeConfig
-from tasks.store_remote import check_url
+from fasttrack.core.compute import ComputeConfig
+from fasttrack.core.store_remote import check_url
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipeline_configs" / "tiny-cpu.yaml"
+ROOT = Path(__file__).resolve().parents[2]  # the project checkout (editable install)
+DEFAULT_CONFIG = ROOT / "pipeline_configs" / "tiny-cpu.yaml"
 STAGES = ("data", "pretrain", "sft", "dpo", "rag", "evaluate")
 Format = Literal["text", "alpaca", "sharegpt", "messages", "prompt_completion", "preference"]
 # Canonical fields of each format: name -> required. `columns` maps these to a source's columns.
@@ -367,9 +368,3 @@ class RunConfig(Section):
                 f"larger than model.architecture.max_position_embeddings ({limit})"
             )
         return self
-
-
-# The loader lives in its own module (size); imported last because it needs RunConfig.
-from tasks.config_loader import apply_override, load_config  # noqa: E402
-
-__all__ = ["RunConfig", "apply_override", "load_config"]

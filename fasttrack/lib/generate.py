@@ -1,4 +1,4 @@
-"""Generation with the configured decoding strategy, and the newest model of a run.
+"""Generation with the configured decoding strategy.
 
 Batched generation pads on the left (decoder-only models continue from the last position), goes
 through the chat template with the generation prompt, and stops at EOS; the decoding settings
@@ -11,12 +11,7 @@ from typing import Any
 
 import torch
 
-from tasks.config import GenerationConfig, RunConfig
-from tasks.errors import FastTrackError
-from tasks.integrity import checked_lookup
-from tasks.store import ArtifactRef, ArtifactStore
-
-MODEL_ORDER = ("dpo", "sft", "pretrain", "base")  # newest first
+from fasttrack.core.config import GenerationConfig
 
 
 def generation_kwargs(g: GenerationConfig, tok: Any) -> dict[str, Any]:
@@ -46,7 +41,7 @@ def generate(
     model: Any, tok: Any, prompts: list[str], g: GenerationConfig, seed: int = 0
 ) -> list[str]:
     """Answers to user prompts (chat template, left padding, stop at EOS)."""
-    from tasks.adapters import disable_cpu_bf16_repack
+    from fasttrack.lib.adapters import disable_cpu_bf16_repack
 
     disable_cpu_bf16_repack(model)  # a no-grad forward on 4-bit CPU layers must not repack them
     texts = [
@@ -55,7 +50,7 @@ def generate(
         )
         for p in prompts
     ]
-    from tasks.models import max_positions
+    from fasttrack.lib.models import max_positions
 
     limit = max_positions(model)
     room = max(limit - g.max_new_tokens, 1) if limit else None
@@ -78,51 +73,3 @@ def generate(
     out = model.generate(**batch.to(device), **generation_kwargs(g, tok))
     new = out[:, batch["input_ids"].shape[1] :]
     return [tok.decode(ids, skip_special_tokens=True).strip() for ids in new]
-
-
-def run_models(cfg: RunConfig, data: ArtifactRef | None = None) -> dict[str, ArtifactRef]:
-    """The intact model artifacts this config's run has published (lookup only, nothing is
-    built; a corrupt one counts as absent). `data`: the run's data ref, if already known."""
-    from tasks.data import data_spec
-    from tasks.dpo import dpo_spec, ref_spec
-    from tasks.models import base_spec
-    from tasks.packing import pack_spec
-    from tasks.pretrain import pretrain_spec
-    from tasks.sft import sft_spec
-
-    store = ArtifactStore(cfg.store)
-
-    def lookup(stage: str, key: str) -> ArtifactRef | None:
-        return checked_lookup(store, stage, key)
-
-    data = data or lookup("data", data_spec(cfg).key)
-    if data is None:
-        raise FastTrackError(
-            f"no data artifact for run {cfg.name!r} in {cfg.store}: run `fasttrack run` first"
-        )
-    found: dict[str, ArtifactRef] = {}
-    if (base := lookup("base", base_spec(cfg, data).key)) is None:
-        return found
-    found["base"] = base
-    start = base
-    packed = lookup("pack", pack_spec(cfg, data, base).key)
-    if packed and (pre := lookup("pretrain", pretrain_spec(cfg, packed, base).key)):
-        found["pretrain"] = start = pre
-    if (tuned := lookup("sft", sft_spec(cfg, start, data).key)) is None:
-        return found
-    found["sft"] = tuned
-    ref = lookup("dpo_ref", ref_spec(cfg, start, tuned, data).key)
-    if ref and (aligned := lookup("dpo", dpo_spec(cfg, start, tuned, ref, data).key)):
-        found["dpo"] = aligned
-    return found
-
-
-def newest_model(cfg: RunConfig) -> tuple[str, ArtifactRef]:
-    """(stage, ref) of the most trained model of the run: DPO > SFT > pretrain > base."""
-    models = run_models(cfg)
-    for stage in MODEL_ORDER:
-        if stage in models:
-            return stage, models[stage]
-    raise FastTrackError(
-        f"no model artifact for run {cfg.name!r} in {cfg.store}: run `fasttrack run` first"
-    )

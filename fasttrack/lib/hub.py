@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tasks.config import RunConfig
-from tasks.errors import ConfigError, ModelError
+from fasttrack.core.config import RunConfig
+from fasttrack.core.errors import ConfigError, ModelError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = (

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
-import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -25,11 +24,15 @@ from prefect import task
 from prefect.cache_policies import CachePolicy
 from prefect.states import Completed
 
-from tasks.errors import FastTrackError, StoreError
-from tasks.integrity import checked_lookup
-from tasks.store import ArtifactRef, ArtifactStore, compute_key
+from fasttrack.core.errors import FastTrackError, StoreError
+from fasttrack.core.integrity import checked_lookup
+from fasttrack.core.log import get_logger
+from fasttrack.core.store import ArtifactRef, ArtifactStore, compute_key
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+# Part of every Prefect cache key: bumped when pickled results (ArtifactRef's module path) move,
+# so Prefect never tries to unpickle a record written by an older layout of the package.
+RESULTS = "fasttrack.core"
 
 
 @dataclass(frozen=True)
@@ -58,16 +61,17 @@ class BuildResult:
 
 
 Build = Callable[[Path], BuildResult]
+SpecFn = Callable[..., StageSpec]
+# name -> spec function of every stage module imported so far (filled by `stage_task`), so the
+# library can compute any step's key (the model chain, lookups) without importing a stage module.
+SPECS: dict[str, SpecFn] = {}
 
 
-def get_logger() -> logging.Logger | logging.LoggerAdapter:
-    """Prefect's run logger inside a run (shows in the UI), a plain logger outside."""
-    try:
-        from prefect.logging import get_run_logger
-
-        return get_run_logger()
-    except Exception:  # MissingContextError outside a flow/task run
-        return logging.getLogger("fasttrack")
+def stage_spec(name: str) -> SpecFn:
+    """The spec function of stage `name` (its module must have been imported: `import tasks`)."""
+    if name not in SPECS:
+        raise RuntimeError(f"stage {name!r} is not registered; import the `tasks` package first")
+    return SPECS[name]
 
 
 def run_stage(
@@ -131,7 +135,7 @@ class StoreCachePolicy(CachePolicy):
     """Prefect cache key = the artifact key *and* the identity of the published artifact.
 
     Returns no key when the store lacks an intact artifact (missing, incomplete or failing its
-    hashes, see tasks/integrity.py: so the task runs and quarantines it), and folds the
+    hashes, see fasttrack/core/integrity.py: so the task runs and quarantines it), and folds the
     manifest's `created_at`/host into the key so a republished artifact (forced, quarantined and
     rebuilt) can never be answered with an older Prefect result record.
     """
@@ -152,7 +156,7 @@ class StoreCachePolicy(CachePolicy):
         manifest = store.read_manifest(spec.stage, spec.key)
         if manifest is None or checked_lookup(store, spec.stage, spec.key) is None:
             return None
-        identity = f"{spec.key}:{manifest.get('created_at')}:{manifest.get('host')}"
+        identity = f"{RESULTS}:{spec.key}:{manifest.get('created_at')}:{manifest.get('host')}"
         return f"fasttrack-{spec.stage}-{hashlib.sha256(identity.encode()).hexdigest()[:32]}"
 
 
@@ -171,7 +175,7 @@ def link_artifact(ref: ArtifactRef) -> None:
     """A Prefect link artifact per published artifact (stable key per stage: UI history)."""
     from prefect.artifacts import create_link_artifact
 
-    from tasks.progress import in_prefect_run
+    from fasttrack.core.progress import in_prefect_run
 
     if not in_prefect_run():  # `.fn()` calls in tests and scripts: nothing to attach to
         return
@@ -191,6 +195,8 @@ def stage_task(spec_fn: Callable[..., StageSpec], **task_options: Any):
     A ref found in the store comes back as a `Cached` state, so Prefect shows every reuse the same
     way whether it was answered by Prefect's record or by the store.
     """
+
+    SPECS[task_options["name"]] = spec_fn
 
     def decorate(fn: Callable[..., ArtifactRef]):
         @functools.wraps(fn)

@@ -1,17 +1,17 @@
 """Where and how training runs: the `compute:` section of a run config.
 
-Kept apart from tasks/config.py because it grows with the launchers and none of it changes
+Kept apart from fasttrack/core/config.py because it grows with the launchers and none of it changes
 what a stage computes (up to floating-point reduction order), so none of it is part of any
 artifact key: a model trained on 1 process is reused by a run that asks for 2.
 
-- `isolate`: train in a killable child process (tasks/isolation.py).
+- `isolate`: train in a killable child process (fasttrack/core/isolation.py).
 - `task_runner`: model evaluations run on the flow's threads or on Dask workers (a
   LocalCluster, or any scheduler address).
 - `num_processes > 1`: the child is started by `accelerate launch` (torchrun underneath), one
   rank per process; `strategy` ddp (every rank holds the model, gradients all-reduced) or fsdp
   (FSDP2 full shard, auto-wrapped per decoder layer, the full state dict gathered on save so the
   artifact is a plain safetensors model/adapter). On CPU the ranks use the gloo backend, for
-  both strategies (tasks/fsdp.py); mixed precision is the stage's own `precision`.
+  both strategies (fasttrack/core/fsdp.py); mixed precision is the stage's own `precision`.
 """
 
 from __future__ import annotations

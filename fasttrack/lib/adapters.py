@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from tasks.config import LoraConfig, QuantizationConfig, RunConfig
-from tasks.errors import ModelError
-from tasks.hub import hub_kwargs, weights_kwargs
-from tasks.models import fix_tokenizer, load_tokenizer, model_source, pick_device
-from tasks.stage import get_logger
-from tasks.store import ArtifactRef
+from fasttrack.core.config import LoraConfig, QuantizationConfig, RunConfig
+from fasttrack.core.errors import ModelError
+from fasttrack.core.log import get_logger
+from fasttrack.core.store import ArtifactRef
+from fasttrack.lib.hub import hub_kwargs, weights_kwargs
+from fasttrack.lib.models import fix_tokenizer, load_tokenizer, model_source, pick_device
 
 
 @functools.cache

@@ -2,7 +2,7 @@
 
 Deliberately light (no torch/transformers/prefect import at module level): a training child
 process imports it to forward its progress to the parent. The trainer-side callback lives in
-tasks/training.py.
+fasttrack/lib/training.py.
 """
 
 from __future__ import annotations

@@ -19,14 +19,14 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from tasks.compute import launch_prefix
-from tasks.config import RunConfig, TrainingConfig
-from tasks.fsdp import shard_report
-from tasks.guards import guard_training, not_in_key
-from tasks.isolation import finish_if_not_rank0, run_isolated
-from tasks.models import pick_device, pick_dtype
-from tasks.progress import ProgressReporter
-from tasks.stage import get_logger
+from fasttrack.core.compute import launch_prefix
+from fasttrack.core.config import RunConfig, TrainingConfig
+from fasttrack.core.fsdp import shard_report
+from fasttrack.core.isolation import finish_if_not_rank0, run_isolated
+from fasttrack.core.log import get_logger
+from fasttrack.core.progress import ProgressReporter
+from fasttrack.lib.guards import guard_training, not_in_key
+from fasttrack.lib.models import pick_device, pick_dtype
 
 # TRL's configs still take `gradient_checkpointing` (transformers 5 calls it activation_...).
 warnings.filterwarnings(

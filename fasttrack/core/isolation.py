@@ -8,7 +8,7 @@ running `finally` (SIGKILL), the child dies too: PR_SET_PDEATHSIG plus a watchdo
 checks the parent pid (which also covers the ranks of a distributed launch).
 
 Protocol: the parent pickles `(fn, args)` to a private temp dir; the child
-(`python -m tasks.isolation DIR`) runs it and pickles the result or the exception back. The
+(`python -m fasttrack.core.isolation DIR`) runs it and pickles the result or the exception back. The
 child's stdout carries JSON events (log records, training progress) that the parent replays
 into the Prefect run logger, progress artifact and CLI listeners; stray prints go to stderr,
 which is forwarded line by line.
@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import FastTrackError
+from fasttrack.core.errors import FastTrackError
 
 PARENT_ENV = "FASTTRACK_PARENT_PID"
 
@@ -104,14 +104,14 @@ def run_isolated(
     `launcher` prefixes the command (e.g. `accelerate launch --num_processes 2 -m`); the child
     module then runs on every rank and rank 0 writes the result.
     """
-    from tasks.progress import ProgressReporter
-    from tasks.stage import get_logger
+    from fasttrack.core.log import get_logger
+    from fasttrack.core.progress import ProgressReporter
 
     log, reporter = get_logger(), ProgressReporter(stage)
     tmp = Path(tempfile.mkdtemp(prefix=f"fasttrack-{stage}-"))
     (tmp / "call.pkl").write_bytes(pickle.dumps((fn, args)))
     cmd = [*launcher] if launcher else [sys.executable, "-m"]
-    cmd += ["tasks.isolation", str(tmp)]
+    cmd += ["fasttrack.core.isolation", str(tmp)]
     child_env = {**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())}
     if api := _prefect_api_url():  # blocks (HF token, store credentials) load in the child too
         child_env.setdefault("PREFECT_API_URL", api)
@@ -239,7 +239,7 @@ def child_main(tmp: Path) -> int:
     logger.addHandler(_EventHandler(emit))
     logger.propagate = False
 
-    from tasks.progress import LISTENERS
+    from fasttrack.core.progress import LISTENERS
 
     LISTENERS.append(
         lambda stage, step, total, logs: emit(
@@ -247,7 +247,7 @@ def child_main(tmp: Path) -> int:
         )
     )
     fn, args = pickle.loads((tmp / "call.pkl").read_bytes())
-    from tasks.fsdp import enable_fsdp_on_cpu, fsdp_requested
+    from fasttrack.core.fsdp import enable_fsdp_on_cpu, fsdp_requested
 
     if fsdp_requested():
         enable_fsdp_on_cpu()  # CPU/gloo ranks: FSDP2 as on GPUs, not a silent DDP fallback

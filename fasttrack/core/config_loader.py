@@ -1,7 +1,7 @@
 """Loading a run config: YAML -> `RunConfig`, with `--set` overrides and errors that name the
-file, the line when known, and the field path (split from tasks/config.py, the schema).
+file, the line when known, and the field path (split from fasttrack/core/config.py, the schema).
 
-`load_config` is re-exported by tasks.config, where callers import it from.
+`load_config` is re-exported by fasttrack.core.config, where callers import it from.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from tasks.config import DEFAULT_CONFIG, RunConfig, Section
-from tasks.errors import ConfigError
+from fasttrack.core.config import DEFAULT_CONFIG, RunConfig, Section
+from fasttrack.core.errors import ConfigError
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -10,7 +10,7 @@
   qualified name (format `text`): the corpus in which RAG must find a QA pair's `source`.
 
 The generated files are committed (docstrings differ between Python versions). Regenerate with:
-    python -m tasks.demo
+    python -m fasttrack.lib.demo
 """
 
 from __future__ import annotations

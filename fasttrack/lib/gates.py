@@ -18,13 +18,12 @@ from typing import Any
 
 from filelock import FileLock
 
-from tasks.config import GATE_RE
-from tasks.errors import FastTrackError, StoreError
-from tasks.store import ArtifactRef, ArtifactStore
+from fasttrack.core.config import GATE_RE
+from fasttrack.core.errors import FastTrackError, StoreError
+from fasttrack.core.store import PROMOTED, ArtifactRef, ArtifactStore
 
 OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq}
 ALIASES = {"rouge_l": "rougeL", "rouge_1": "rouge1", "rouge_2": "rouge2", "rouge_lsum": "rougeLsum"}
-PROMOTED = "promoted.json"
 
 
 class GateError(FastTrackError):
@@ -115,7 +114,7 @@ def promote_or_fail(
 
 def enforce_gates(cfg: Any, table: list[dict[str, Any]], models: dict[str, ArtifactRef]) -> None:
     """Fail the run on a failed gate; otherwise promote its newest model (DPO > SFT > ...)."""
-    from tasks.generate import MODEL_ORDER
+    from fasttrack.lib.chain import MODEL_ORDER
 
     results = check_gates(cfg.evaluate.gates, table)
     newest = next((models[m] for m in MODEL_ORDER if m in models), None)

@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from tasks.config import TrainingConfig
-from tasks.errors import FastTrackError
-from tasks.stage import get_logger
+from fasttrack.core.config import TrainingConfig
+from fasttrack.core.errors import FastTrackError
+from fasttrack.core.log import get_logger
 
 GUARD_FIELDS = {"nan_policy", "max_skipped_steps"}
 

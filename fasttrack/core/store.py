@@ -29,10 +29,11 @@ from filelock import FileLock
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import BaseModel, ConfigDict
 
-from tasks import store_remote
-from tasks.errors import StoreError
+from fasttrack.core import store_remote
+from fasttrack.core.errors import StoreError
+from fasttrack.core.files import MANIFEST, sha256_file
 
-MANIFEST = "manifest.json"
+PROMOTED = "promoted.json"  # gates record each config's promoted model here
 _STAGE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _RESERVED = {"tmp", "work", "locks", "quarantine", "verified"}
@@ -78,14 +79,6 @@ def compute_key(
         "inputs": inputs or {},
     }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def library_versions() -> dict[str, str]:

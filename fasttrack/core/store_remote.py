@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any
 from fsspec.registry import known_implementations
 from fsspec.utils import get_protocol
 
-from tasks.errors import StoreError
+from fasttrack.core.errors import StoreError
+from fasttrack.core.files import MANIFEST, sha256_file
 
 if TYPE_CHECKING:
-    from tasks.store import ArtifactRef, ArtifactStore
+    from fasttrack.core.store import ArtifactRef, ArtifactStore
 
-MANIFEST = "manifest.json"
 OBJECTS = "objects"
 _OBJECTS_RE = re.compile(r"^objects/[A-Za-z0-9._-]{1,128}$")
 # s3fs/gcsfs cache listings for the life of the process: a worker would never see an artifact
@@ -213,7 +213,6 @@ def fetch(store: ArtifactStore, ref: ArtifactRef) -> Path:
     The cached copy is reused only while the store's manifest is the one it was fetched with, so
     a forced rebuild on another worker is never answered with stale local files.
     """
-    from tasks.store import sha256_file
 
     manifest = store.read_manifest(ref.stage, ref.key)
     if manifest is None:

@@ -40,10 +40,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tasks.adapters import matches_target
-from tasks.config import LoraConfig, RunConfig, TrainingConfig
-from tasks.errors import ModelError
-from tasks.hub import hub_kwargs, load_error
+from fasttrack.core.config import LoraConfig, RunConfig, TrainingConfig
+from fasttrack.core.errors import ModelError
+from fasttrack.lib.adapters import matches_target
+from fasttrack.lib.hub import hub_kwargs, load_error
 
 if TYPE_CHECKING:
     from rich.table import Table

@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from tasks.store import ArtifactRef, ArtifactStore, sha256_file
+from fasttrack.core.store import ArtifactRef, ArtifactStore, sha256_file
 
 RACY_S = 2.0
 _MEMO: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -128,7 +128,7 @@ def quarantine(store: ArtifactStore, stage: str, key: str, problems: list[str]) 
     store.fs.pipe_file(f"{dest}.json", json.dumps(note, indent=2).encode())
     _MEMO.pop((store.root, stage, key), None)
     stamp_path(store, stage, key).unlink(missing_ok=True)
-    from tasks.stage import get_logger  # stage.py imports this module
+    from fasttrack.core.log import get_logger  # stage.py imports this module
 
     get_logger().warning(
         "%s/%s: corrupt artifact quarantined to %s (%s)", stage, key[:12], dest, "; ".join(problems)

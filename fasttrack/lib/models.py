@@ -1,9 +1,7 @@
-"""Base models and tokenizers: build from scratch, point at a local dir or a hub id, load safely.
+"""Models and tokenizers: the scratch tokenizer, local dir / hub id loading (safely), devices.
 
-The `base` artifact is what every model stage starts from. For `scratch` it holds a byte-level
-BPE tokenizer trained on the corpus (with pad/bos/eos and a chat template) and a freshly
-initialised tiny Llama; for a local dir or hub id it holds only a pointer + fingerprint, so a
-multi-GB model is never copied, yet a changed tokenizer or template still changes every key.
+Every model stage loads its model through `load_model`, which follows a base artifact's pointer
+(see tasks/base.py) or opens a trained model / adapter directory in the store.
 """
 
 from __future__ import annotations
@@ -15,13 +13,11 @@ from typing import Any
 
 import torch
 
-from tasks.config import RunConfig
-from tasks.errors import ModelError
-from tasks.hub import check_model_dir, hub_kwargs, load_error, weights_kwargs
-from tasks.stage import BuildResult, StageSpec, run_stage, stage_task
-from tasks.store import ArtifactRef, ArtifactStore, sha256_file
+from fasttrack.core.config import RunConfig
+from fasttrack.core.errors import ModelError
+from fasttrack.core.store import ArtifactRef, ArtifactStore, sha256_file
+from fasttrack.lib.hub import check_model_dir, hub_kwargs, load_error, weights_kwargs
 
-VERSION = "1"
 BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 # One EOS ends documents and turns alike, so generation stops where training put EOS. Assistant
@@ -63,30 +59,6 @@ def fingerprint_dir(path: Path) -> str:
     return h.hexdigest()
 
 
-def base_spec(cfg: RunConfig, data: ArtifactRef | None = None) -> StageSpec:
-    m = cfg.model
-    name = m.name_or_path
-    config: dict[str, Any] = {
-        "name_or_path": name,
-        "revision": m.revision,
-        "chat_template": m.chat_template,
-        "trust_remote_code": m.trust_remote_code,
-    }
-    if name == "scratch":
-        if data is None:
-            raise ModelError("model.name_or_path: scratch needs the data stage (a corpus)")
-        config |= {
-            "tokenizer": m.tokenizer.model_dump(),
-            "architecture": m.architecture.model_dump(),
-        }
-        return StageSpec("base", VERSION, config | {"seed": cfg.seed}, upstream={"data": data})
-    if is_local_path(name):
-        path = Path(name).expanduser()
-        check_model_dir(path, m.allow_pickle)
-        return StageSpec("base", VERSION, config, inputs={"model_dir": fingerprint_dir(path)})
-    return StageSpec("base", VERSION, config, inputs={"hub": f"{name}@{m.revision or 'main'}"})
-
-
 def build_tokenizer(texts: list[str], vocab_size: int, min_frequency: int, template: str):
     """Byte-level BPE (no unknown tokens, any UTF-8 input) with our special tokens + template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -109,56 +81,6 @@ def build_tokenizer(texts: list[str], vocab_size: int, min_frequency: int, templ
     )  # fmt: skip
     fast.chat_template = template
     return fast
-
-
-def build_base(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
-    m = cfg.model
-    if m.name_or_path != "scratch":
-        (out / POINTER).write_text(json.dumps({**spec.config, **spec.inputs}, indent=2))
-        model, tok = load_pretrained(cfg, m.name_or_path, m.revision, m.chat_template)
-        n_params = sum(p.numel() for p in model.parameters())
-        return BuildResult(metrics={"parameters": n_params, "vocab_size": len(tok)})
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tasks.data import read_split
-
-    store = ArtifactStore(cfg.store)
-    texts = [r["text"] for r in read_split(store, spec.upstream["data"], "corpus", "train")]
-    tok = build_tokenizer(
-        texts, m.tokenizer.vocab_size, m.tokenizer.min_frequency, m.chat_template or CHAT_TEMPLATE
-    )
-    a = m.architecture
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=a.hidden_size,
-        intermediate_size=a.intermediate_size,
-        num_hidden_layers=a.num_hidden_layers,
-        num_attention_heads=a.num_attention_heads,
-        num_key_value_heads=a.num_key_value_heads,
-        max_position_embeddings=a.max_position_embeddings,
-        tie_word_embeddings=a.tie_word_embeddings,
-        rope_theta=a.rope_theta,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    n_params = sum(p.numel() for p in model.parameters())
-    return BuildResult(metrics={"parameters": n_params, "vocab_size": len(tok)})
-
-
-def resolve_base(
-    cfg: RunConfig, data: ArtifactRef | None = None, force: bool = False
-) -> ArtifactRef:
-    """Base-model step of the pretrain stage (also the `base` row of the evaluation table)."""
-    spec = base_spec(cfg, data)
-    return run_stage(ArtifactStore(cfg.store), spec, lambda out: build_base(cfg, spec, out), force)
-
-
-base_task = stage_task(base_spec, name="base")(resolve_base)
 
 
 def load_pretrained(

@@ -1,0 +1,1 @@
+"""Core: config, artifact store, stage runner, isolation. Imports nothing else of the project."""

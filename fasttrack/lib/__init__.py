@@ -1,0 +1,1 @@
+"""What stages share: models, adapters, training, retrieval, generation, metrics, sources."""
