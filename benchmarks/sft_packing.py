@@ -80,7 +80,7 @@ def main() -> None:
         "sft": {
             "max_length": cfg.sft.max_length,
             "batch": cfg.sft.per_device_batch_size,
-            "quantization": cfg.sft.quantization.load_in_4bit,
+            "quantization": cfg.adapter.quantization.load_in_4bit,
         },  # fmt: skip
         "real_tokens_per_epoch": tokens["packed"],
         "padded_tokens_per_s": [round(x, 1) for x in runs["padded"]],

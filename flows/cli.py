@@ -143,9 +143,9 @@ def run(
         steps.add_row(s.step, s.key[:12], f"[{colour}]{s.status}[/]", f"{s.seconds:.1f}")
     console.print(steps)
     if summary.table:
-        console.print(metrics_table(summary.table))
+        console.print(rich_table(summary.table))
     if summary.retrieval:
-        console.print(metrics_table(summary.retrieval, title="retrieval (held-out questions)"))
+        console.print(rich_table(summary.retrieval, title="retrieval (held-out questions)"))
 
 
 @app.command()
@@ -244,7 +244,7 @@ def zombies() -> None:
     )
 
 
-def metrics_table(rows: list[dict], title: str = "evaluation (held-out data)") -> Table:
+def rich_table(rows: list[dict], title: str = "evaluation (held-out data)") -> Table:
     table = Table(title=title)
     for col in rows[0]:
         left = col in ("model", "eval_key", "retrieval")
@@ -378,10 +378,6 @@ def collect_garbage(
         console.print(f"skipped {busy}: in use (locked)")
     console.print(f"{verb} {len(result.removed)} artifact(s), {_human(result.freed)}; "
                   f"kept {result.kept} referenced")  # fmt: skip
-
-
-def main() -> None:  # pragma: no cover - console script entry
-    sys.exit(app())
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 
 from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import ModelError
-from fasttrack.core.stage import BuildResult, StageSpec, run_stage, stage_task
+from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
 from fasttrack.lib.hub import check_model_dir
 from fasttrack.lib.models import (
@@ -28,7 +28,7 @@ from fasttrack.lib.models import (
     load_pretrained,
 )
 
-VERSION = "1"
+STAGE = Stage("base", "1")
 
 
 def base_spec(cfg: RunConfig, data: ArtifactRef | None = None) -> StageSpec:
@@ -47,12 +47,12 @@ def base_spec(cfg: RunConfig, data: ArtifactRef | None = None) -> StageSpec:
             "tokenizer": m.tokenizer.model_dump(),
             "architecture": m.architecture.model_dump(),
         }
-        return StageSpec("base", VERSION, config | {"seed": cfg.seed}, upstream={"data": data})
+        return STAGE.spec(config | {"seed": cfg.seed}, upstream={"data": data})
     if is_local_path(name):
         path = Path(name).expanduser()
         check_model_dir(path, m.allow_pickle)
-        return StageSpec("base", VERSION, config, inputs={"model_dir": fingerprint_dir(path)})
-    return StageSpec("base", VERSION, config, inputs={"hub": f"{name}@{m.revision or 'main'}"})
+        return STAGE.spec(config, inputs={"model_dir": fingerprint_dir(path)})
+    return STAGE.spec(config, inputs={"hub": f"{name}@{m.revision or 'main'}"})
 
 
 def build_base(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
@@ -94,12 +94,4 @@ def build_base(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     return BuildResult(metrics={"parameters": n_params, "vocab_size": len(tok)})
 
 
-def resolve_base(
-    cfg: RunConfig, data: ArtifactRef | None = None, force: bool = False
-) -> ArtifactRef:
-    """Base-model step of the pretrain stage (also the `base` row of the evaluation table)."""
-    spec = base_spec(cfg, data)
-    return run_stage(ArtifactStore(cfg.store), spec, lambda out: build_base(cfg, spec, out), force)
-
-
-base_task = stage_task(base_spec, name="base")(resolve_base)
+resolve_base, base_task = STAGE.define(base_spec, build_base)

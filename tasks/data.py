@@ -18,8 +18,7 @@ import pyarrow.parquet as pq
 
 from fasttrack.core.config import CleanConfig, RunConfig
 from fasttrack.core.errors import DataError
-from fasttrack.core.stage import BuildResult, StageSpec, run_stage, stage_task
-from fasttrack.core.store import ArtifactRef, ArtifactStore
+from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.lib.cleaning import (
     CleanStats,
     exact_dedup,
@@ -32,7 +31,7 @@ from fasttrack.lib.datasets import SPLITS
 from fasttrack.lib.hub import hf_token
 from fasttrack.lib.sources import content_hash, load_source
 
-VERSION = "1"
+STAGE = Stage("data", "1", retries=1, retry_delay_seconds=2)
 
 
 def text_of(kind: str) -> Callable[[dict], str]:
@@ -47,7 +46,7 @@ def text_of(kind: str) -> Callable[[dict], str]:
 def data_spec(cfg: RunConfig) -> StageSpec:
     inputs = {f"source{i}": content_hash(src) for i, src in enumerate(cfg.data.sources)}
     config = cfg.data.model_dump(mode="json", exclude={"max_record_chars"})  # rejects, never alters
-    return StageSpec("data", VERSION, config, inputs=inputs)
+    return STAGE.spec(config, inputs=inputs)
 
 
 def normalize_row(row: dict, clean: CleanConfig) -> dict:
@@ -104,7 +103,8 @@ def clean_kind(kind: str, rows: list[dict], cfg: RunConfig) -> tuple[list[dict],
     return rows, stats
 
 
-def build_data(cfg: RunConfig, out: Path) -> BuildResult:
+def build_data(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
+    """Load, clean, deduplicate and split every source."""
     by_kind: dict[str, list[dict]] = {}
     for src in cfg.data.sources:
         kind, rows = load_source(src, cfg.data.encoding, cfg.data.max_record_chars, hf_token(cfg))
@@ -127,13 +127,4 @@ def build_data(cfg: RunConfig, out: Path) -> BuildResult:
     return BuildResult(metrics=metrics, extra={"stats": stats_out})
 
 
-def prepare_data(cfg: RunConfig, force: bool = False) -> ArtifactRef:
-    """Data stage: `fasttrack run --stages data`."""
-    return run_stage(
-        ArtifactStore(cfg.store), data_spec(cfg), lambda out: build_data(cfg, out), force
-    )
-
-
-data_task = stage_task(lambda cfg: data_spec(cfg), name="data", retries=1, retry_delay_seconds=2)(
-    prepare_data
-)
+prepare_data, data_task = STAGE.define(data_spec, build_data)

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import ModelError, StoreError
-from fasttrack.core.stage import BuildResult, StageSpec, run_stage, stage_task
+from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
 from fasttrack.lib.adapters import load_for_training, trainable_snapshot, unchanged_tensors
 from fasttrack.lib.datasets import read_split
@@ -32,7 +32,8 @@ from fasttrack.lib.training import (
     training_key_config,
 )
 
-VERSION = "1"
+REF = Stage("dpo_ref", "1")
+STAGE = Stage("dpo", "1", retries=1, retry_delay_seconds=5)
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
@@ -85,18 +86,16 @@ def ref_spec(cfg: RunConfig, model: ArtifactRef, sft: ArtifactRef, data: Artifac
     config = {
         "max_length": cfg.dpo.max_length,
         "eval_max_rows": cfg.dpo.eval_max_rows,
-        "quantization": cfg.sft.quantization.model_dump(mode="json"),
+        "quantization": cfg.adapter.quantization.model_dump(mode="json"),
     }
-    return StageSpec(
-        "dpo_ref", VERSION, config, upstream={"model": model, "sft": sft, "data": data}
-    )
+    return REF.spec(config, upstream={"model": model, "sft": sft, "data": data})
 
 
 def dpo_spec(
     cfg: RunConfig, model: ArtifactRef, sft: ArtifactRef, ref: ArtifactRef, data: ArtifactRef
 ) -> StageSpec:
     upstream = {"model": model, "sft": sft, "ref": ref, "data": data}
-    return StageSpec("dpo", VERSION, training_key_config(cfg.dpo, cfg.seed), upstream=upstream)
+    return STAGE.spec(training_key_config(cfg.dpo, cfg.seed), upstream=upstream)
 
 
 def _trainer(cfg: RunConfig, policy: Any, tok: Any, splits: dict, work: Path) -> Any:
@@ -161,14 +160,6 @@ def build_ref(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     return BuildResult(metrics=metrics, device={"device": pick_device(), "quantization": quant})
 
 
-def reference_logps(
-    cfg: RunConfig, model: ArtifactRef, sft: ArtifactRef, data: ArtifactRef, force: bool = False
-) -> ArtifactRef:
-    """Reference log-probs step of the DPO stage."""
-    spec = ref_spec(cfg, model, sft, data)
-    return run_stage(ArtifactStore(cfg.store), spec, lambda out: build_ref(cfg, spec, out), force)
-
-
 def with_reference(rows: list[dict], ref_dir: Path, split: str) -> list[dict[str, Any]]:
     """Conversational rows joined with their stored reference log-probs (order verified)."""
     table = pq.read_table(ref_dir / f"{split}.parquet").to_pylist()
@@ -217,23 +208,5 @@ def build_dpo(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     return BuildResult(metrics=metrics, device=device)
 
 
-def dpo(
-    cfg: RunConfig,
-    model: ArtifactRef,
-    sft: ArtifactRef,
-    ref: ArtifactRef,
-    data: ArtifactRef,
-    force: bool = False,
-) -> ArtifactRef:
-    """DPO stage: `fasttrack run --stages dpo`."""
-    spec = dpo_spec(cfg, model, sft, ref, data)
-    return run_stage(
-        ArtifactStore(cfg.store),
-        spec,
-        lambda out: train_stage(cfg, "dpo", build_dpo, cfg, spec, out),
-        force,
-    )
-
-
-dpo_ref_task = stage_task(ref_spec, name="dpo_ref")(reference_logps)
-dpo_task = stage_task(dpo_spec, name="dpo", retries=1, retry_delay_seconds=5)(dpo)
+reference_logps, dpo_ref_task = REF.define(ref_spec, build_ref)
+dpo, dpo_task = STAGE.define(dpo_spec, build_dpo, train_stage)

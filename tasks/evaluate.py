@@ -15,7 +15,7 @@ import torch
 
 from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import ModelError
-from fasttrack.core.stage import BuildResult, StageSpec, run_stage, stage_task
+from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
 from fasttrack.lib.datasets import has_kind, read_split
 from fasttrack.lib.generate import generate
@@ -24,7 +24,7 @@ from fasttrack.lib.perplexity import strided_perplexity
 from fasttrack.lib.scoring import completion_loss, preference_accuracy
 from fasttrack.lib.textmetrics import bleu, rouge
 
-VERSION = "1"
+STAGE = Stage("evaluate", "1")
 
 
 def eval_spec(
@@ -37,7 +37,7 @@ def eval_spec(
     if rag is not None:  # the model answering with retrieved context
         config["rag"] = {"mode": cfg.rag.mode, "top_k": cfg.rag.top_k}
         upstream["rag"] = rag
-    return StageSpec("evaluate", VERSION, config, upstream=upstream)
+    return STAGE.spec(config, upstream=upstream)
 
 
 def token_stream(texts: list[str], tokenizer, max_tokens: int | None) -> tuple[torch.Tensor, int]:
@@ -178,16 +178,4 @@ def build_eval(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     )
 
 
-def evaluate_model(
-    cfg: RunConfig,
-    model: ArtifactRef,
-    data: ArtifactRef,
-    rag: ArtifactRef | None = None,
-    force: bool = False,
-) -> ArtifactRef:
-    """Evaluation of one model (with RAG context when `rag` is given): `--stages evaluate`."""
-    spec = eval_spec(cfg, model, data, rag)
-    return run_stage(ArtifactStore(cfg.store), spec, lambda out: build_eval(cfg, spec, out), force)
-
-
-evaluate_task = stage_task(eval_spec, name="evaluate")(evaluate_model)
+evaluate_model, evaluate_task = STAGE.define(eval_spec, build_eval)

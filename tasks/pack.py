@@ -17,16 +17,16 @@ import pyarrow.parquet as pq
 
 from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import ModelError
-from fasttrack.core.stage import BuildResult, StageSpec, run_stage, stage_task
+from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
 
-VERSION = "1"
+STAGE = Stage("pack", "1")
 SPLITS = ("train", "validation")
 
 
 def pack_spec(cfg: RunConfig, data: ArtifactRef, base: ArtifactRef) -> StageSpec:
     config = {"block_size": cfg.pretrain.block_size, "splits": list(SPLITS)}
-    return StageSpec("pack", VERSION, config, upstream={"data": data, "base": base})
+    return STAGE.spec(config, upstream={"data": data, "base": base})
 
 
 def pack_blocks(
@@ -88,11 +88,11 @@ def _flush(writer: pq.ParquetWriter, schema: pa.Schema, chunk: list) -> int:
     return n
 
 
-def build_pack(cfg: RunConfig, data: ArtifactRef, base: ArtifactRef, out: Path) -> BuildResult:
+def build_pack(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     from fasttrack.lib.datasets import read_split
     from fasttrack.lib.models import load_tokenizer, max_positions
 
-    store = ArtifactStore(cfg.store)
+    store, data, base = ArtifactStore(cfg.store), spec.upstream["data"], spec.upstream["base"]
     tok, model_config = load_tokenizer(cfg, base)
     limit, block = max_positions(model_config), cfg.pretrain.block_size
     if limit is not None and block > limit:
@@ -126,12 +126,4 @@ def build_pack(cfg: RunConfig, data: ArtifactRef, base: ArtifactRef, out: Path) 
     return BuildResult(metrics=metrics)
 
 
-def pack(cfg: RunConfig, data: ArtifactRef, base: ArtifactRef, force: bool = False) -> ArtifactRef:
-    """Tokenize + pack step of the pretrain stage."""
-    spec = pack_spec(cfg, data, base)
-    return run_stage(
-        ArtifactStore(cfg.store), spec, lambda out: build_pack(cfg, data, base, out), force
-    )
-
-
-pack_task = stage_task(pack_spec, name="pack")(pack)
+pack, pack_task = STAGE.define(pack_spec, build_pack)

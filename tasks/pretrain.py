@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from fasttrack.core.config import RunConfig
-from fasttrack.core.stage import BuildResult, StageSpec, run_stage, stage_task
+from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
 from fasttrack.lib.models import load_model, pick_device
 from fasttrack.lib.training import (
@@ -24,12 +24,12 @@ from fasttrack.lib.training import (
     training_key_config,
 )
 
-VERSION = "1"
+STAGE = Stage("pretrain", "1", retries=1, retry_delay_seconds=5)
 
 
 def pretrain_spec(cfg: RunConfig, packed: ArtifactRef, base: ArtifactRef) -> StageSpec:
     config = training_key_config(cfg.pretrain, cfg.seed)
-    return StageSpec("pretrain", VERSION, config, upstream={"pack": packed, "base": base})
+    return STAGE.spec(config, upstream={"pack": packed, "base": base})
 
 
 def collate_blocks(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -74,19 +74,4 @@ def build_pretrain(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     )
 
 
-def pretrain(
-    cfg: RunConfig, packed: ArtifactRef, base: ArtifactRef, force: bool = False
-) -> ArtifactRef:
-    """Continued pretraining stage: `fasttrack run --stages pretrain`."""
-    spec = pretrain_spec(cfg, packed, base)
-    return run_stage(
-        ArtifactStore(cfg.store),
-        spec,
-        lambda out: train_stage(cfg, "pretrain", build_pretrain, cfg, spec, out),
-        force,
-    )
-
-
-pretrain_task = stage_task(pretrain_spec, name="pretrain", retries=1, retry_delay_seconds=5)(
-    pretrain
-)
+pretrain, pretrain_task = STAGE.define(pretrain_spec, build_pretrain, train_stage)

@@ -21,7 +21,7 @@ import numpy as np
 from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import DataError, ModelError
 from fasttrack.core.log import get_logger
-from fasttrack.core.stage import BuildResult, StageSpec, run_stage, stage_task
+from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore, canonical_json, sha256_file
 from fasttrack.lib.datasets import SPLITS, read_split
 from fasttrack.lib.retrieval import (
@@ -40,7 +40,7 @@ from fasttrack.lib.retrieval import (
     resolve_embedder,
 )
 
-VERSION = "1"
+STAGE = Stage("rag", "1")
 DOC_SUFFIXES = (".txt", ".md")
 EVAL_SPLITS = ("validation", "test")
 # Query-time knobs: they change no file of the artifact, so they are not part of its key.
@@ -62,7 +62,11 @@ def documents_hash(folder: Path) -> str:
 
 def family_of(cfg: RunConfig, embedder_hash: str) -> str:
     """Artifacts whose chunks and vectors are interchangeable: same chunking, same embedder."""
-    payload = {"version": VERSION, "chunk": cfg.rag.chunk.model_dump(), "embedder": embedder_hash}
+    payload = {
+        "version": STAGE.version,
+        "chunk": cfg.rag.chunk.model_dump(),
+        "embedder": embedder_hash,
+    }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
 
@@ -78,7 +82,7 @@ def rag_spec(cfg: RunConfig, data: ArtifactRef | None = None) -> StageSpec:
         )
     config = rag.model_dump(mode="json", exclude=_QUERY_ONLY)
     upstream = {"data": data} if data is not None else {}
-    return StageSpec("rag", VERSION, config, upstream=upstream, inputs=inputs)
+    return STAGE.spec(config, upstream=upstream, inputs=inputs)
 
 
 def load_documents(
@@ -314,12 +318,4 @@ def build_rag(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     return BuildResult(metrics=metrics, device={"device": embedder.device}, extra=extra)
 
 
-def build_index(
-    cfg: RunConfig, data: ArtifactRef | None = None, force: bool = False
-) -> ArtifactRef:
-    """RAG stage: `fasttrack run --stages rag`."""
-    spec = rag_spec(cfg, data)
-    return run_stage(ArtifactStore(cfg.store), spec, lambda out: build_rag(cfg, spec, out), force)
-
-
-rag_task = stage_task(rag_spec, name="rag")(build_index)
+build_index, rag_task = STAGE.define(rag_spec, build_rag)

@@ -13,12 +13,12 @@ from typing import Any
 
 from fasttrack.core.config import RunConfig
 from fasttrack.core.log import get_logger
-from fasttrack.core.stage import BuildResult, StageSpec, run_stage, stage_task
+from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
 from fasttrack.lib.gates import check_gates, describe
 from fasttrack.lib.tables import metrics_table, retrieval_table
 
-VERSION = "1"
+STAGE = Stage("report", "1")
 REPORT_KEY = "fasttrack-report"
 TRAINING = ("pretrain", "sft", "dpo")
 
@@ -33,7 +33,7 @@ def report_spec(
     upstream |= {f"model:{m}": ref for m, ref in models.items()}
     if rag is not None:
         upstream["rag"] = rag
-    return StageSpec("report", VERSION, {"run": cfg.name, "gates": cfg.evaluate.gates}, upstream)
+    return STAGE.spec({"run": cfg.name, "gates": cfg.evaluate.gates}, upstream)
 
 
 def _md_table(rows: list[dict[str, Any]]) -> str:
@@ -129,21 +129,7 @@ def make_plots(store: ArtifactStore, models: dict, table: list, out: Path) -> li
         return []
 
 
-def write_report(
-    cfg: RunConfig,
-    evals: dict[str, ArtifactRef],
-    models: dict[str, ArtifactRef],
-    rag: ArtifactRef | None = None,
-    force: bool = False,
-) -> ArtifactRef:
-    """Report step of the evaluation stage."""
-    spec = report_spec(cfg, evals, models, rag)
-    return run_stage(
-        ArtifactStore(cfg.store), spec, lambda out: build_report(cfg, spec, out), force
-    )
-
-
-report_task = stage_task(report_spec, name="report")(write_report)
+write_report, report_task = STAGE.define(report_spec, build_report)
 
 
 def publish_report(cfg: RunConfig, report: ArtifactRef) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fasttrack.core.config import RunConfig
-from fasttrack.core.stage import BuildResult, StageSpec, run_stage, stage_task
+from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
 from fasttrack.lib.adapters import (
     load_for_training,
@@ -31,12 +31,13 @@ from fasttrack.lib.training import (
     training_key_config,
 )
 
-VERSION = "1"
+STAGE = Stage("sft", "1", retries=1, retry_delay_seconds=5)
 
 
 def sft_spec(cfg: RunConfig, model: ArtifactRef, data: ArtifactRef) -> StageSpec:
-    config = training_key_config(cfg.sft, cfg.seed)
-    return StageSpec("sft", VERSION, config, upstream={"model": model, "data": data})
+    config = training_key_config(cfg.sft, cfg.seed)  # + the adapter: one key, wherever it's set
+    config |= cfg.adapter.model_dump(mode="json")
+    return STAGE.spec(config, upstream={"model": model, "data": data})
 
 
 def prompt_completion(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -70,7 +71,7 @@ def sft_trainer(
         train_dataset=train,
         eval_dataset=val,
         processing_class=tok,
-        peft_config=lora_config(s.lora, model),
+        peft_config=lora_config(cfg.adapter.lora, model),
     )
 
 
@@ -113,15 +114,4 @@ def merge_adapter(cfg: RunConfig, model_ref: ArtifactRef, adapter: Path, dest: P
     tok.save_pretrained(dest)
 
 
-def sft(cfg: RunConfig, model: ArtifactRef, data: ArtifactRef, force: bool = False) -> ArtifactRef:
-    """Instruction-tuning stage: `fasttrack run --stages sft`."""
-    spec = sft_spec(cfg, model, data)
-    return run_stage(
-        ArtifactStore(cfg.store),
-        spec,
-        lambda out: train_stage(cfg, "sft", build_sft, cfg, spec, out),
-        force,
-    )
-
-
-sft_task = stage_task(sft_spec, name="sft", retries=1, retry_delay_seconds=5)(sft)
+sft, sft_task = STAGE.define(sft_spec, build_sft, train_stage)

@@ -7,6 +7,7 @@ are errors, and every error names the file, the line when known, and the field p
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,11 @@ FORMAT_FIELDS: dict[str, dict[str, bool]] = {
     "preference": {"prompt": True, "chosen": True, "rejected": True},
 }
 META_FIELDS = ("source", "id")  # optional pass-through columns of every format
+
+
+def deprecated(line: str) -> None:
+    """One `FutureWarning` line on stderr (Python shows each once per process and place)."""
+    warnings.warn(f"config: {line}", FutureWarning, stacklevel=3)
 
 
 class Section(BaseModel):
@@ -189,10 +195,19 @@ class QuantizationConfig(Section):
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
 
 
-class SftConfig(TrainingConfig):
-    enabled: bool = True
+class AdapterConfig(Section):
+    """The LoRA adapter SFT trains and DPO continues: one definition that both stages read."""
+
     lora: LoraConfig = LoraConfig()
     quantization: QuantizationConfig = QuantizationConfig()
+
+
+class SftConfig(TrainingConfig):
+    enabled: bool = True
+    lora: LoraConfig | None = Field(None, description="Deprecated: use adapter.lora.")
+    quantization: QuantizationConfig | None = Field(
+        None, description="Deprecated: use adapter.quantization."
+    )
     max_length: int = Field(256, ge=8)
     completion_only_loss: bool = Field(True, description="Loss on the answers only.")
     packing: bool = Field(False, description="BFD packing, no cross-sample attention.")
@@ -345,12 +360,28 @@ class RunConfig(Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig
     pretrain: PretrainConfig = PretrainConfig()
+    adapter: AdapterConfig = AdapterConfig()
     sft: SftConfig = SftConfig()
     dpo: DpoConfig = DpoConfig()
     rag: RagConfig = RagConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     generation: GenerationConfig = GenerationConfig()
     compute: ComputeConfig = ComputeConfig()
+
+    @model_validator(mode="after")
+    def _adapter_from_sft(self) -> RunConfig:
+        """`sft.lora` / `sft.quantization` (the old place) still work, moved to `adapter`."""
+        for name in ("lora", "quantization"):
+            old = getattr(self.sft, name)
+            if old is None:
+                continue
+            if name in self.adapter.model_fields_set:
+                raise ValueError(f"set adapter.{name} or sft.{name} (deprecated), not both")
+            # Sections are frozen; this runs once, during validation, before anyone reads them.
+            object.__setattr__(self, "adapter", self.adapter.model_copy(update={name: old}))
+            object.__setattr__(self, "sft", self.sft.model_copy(update={name: None}))
+            deprecated(f"sft.{name} is deprecated: move it to adapter.{name} (same fields)")
+        return self
 
     @model_validator(mode="after")
     def _fits_scratch_model(self) -> RunConfig:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import inspect
 import shutil
 import time
 from collections.abc import Callable
@@ -215,3 +216,56 @@ def stage_task(spec_fn: Callable[..., StageSpec], **task_options: Any):
         return task(run, **{**options, **task_options})
 
     return decorate
+
+
+StageBuild = Callable[[Any, StageSpec, Path], BuildResult]  # build(cfg, spec, out)
+Executor = Callable[..., BuildResult]  # executor(cfg, stage, build, cfg, spec, out)
+
+
+class Stage:
+    """A stage declared once: its name, code version and Prefect task options.
+
+    Its spec function makes keys with `STAGE.spec(config, upstream, inputs)`; `STAGE.define(spec_fn,
+    build)` returns the plain function `fn(cfg, *refs, force=False)` (the parameters of `spec_fn`)
+    and its Prefect task. Every build takes `(cfg, spec, out)`; `executor` runs it elsewhere
+    (training stages: a killable child process, see fasttrack/lib/training.train_stage).
+    """
+
+    def __init__(self, name: str, version: str, **task_options: Any):
+        self.name, self.version, self.task_options = name, version, task_options
+
+    def spec(
+        self,
+        config: dict[str, Any],
+        upstream: dict[str, ArtifactRef] | None = None,
+        inputs: dict[str, str] | None = None,
+    ) -> StageSpec:
+        return StageSpec(self.name, self.version, config, upstream or {}, inputs or {})
+
+    def define(
+        self, spec_fn: SpecFn, build: StageBuild, executor: Executor | None = None
+    ) -> tuple[Callable[..., ArtifactRef], Any]:
+        signature = inspect.signature(spec_fn)
+        force = inspect.Parameter("force", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=False)
+        full = signature.replace(
+            parameters=[*signature.parameters.values(), force], return_annotation=ArtifactRef
+        )
+
+        def run(*args: Any, **kwargs: Any) -> ArtifactRef:
+            bound = full.bind(*args, **kwargs)
+            bound.apply_defaults()
+            forced = bound.arguments.pop("force")
+            spec, cfg = spec_fn(**bound.arguments), bound.arguments["cfg"]
+
+            def make(out: Path) -> BuildResult:
+                if executor is None:
+                    return build(cfg, spec, out)
+                return executor(cfg, self.name, build, cfg, spec, out)
+
+            return run_stage(ArtifactStore(cfg.store), spec, make, forced)
+
+        run.__signature__ = full  # type: ignore[attr-defined]  # Prefect's task parameters
+        run.__name__ = run.__qualname__ = self.name
+        run.__module__ = spec_fn.__module__
+        run.__doc__ = f"The {self.name} stage (plain function): {(build.__doc__ or '').strip()}"
+        return run, stage_task(spec_fn, name=self.name, **self.task_options)(run)

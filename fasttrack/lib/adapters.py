@@ -91,12 +91,12 @@ def load_for_training(cfg: RunConfig, model_ref: ArtifactRef) -> tuple[Any, Any,
             f"the tokenizer of {name} has no chat template: set model.chat_template in the config "
             "(a Jinja template), or use a chat/instruct model"
         )
-    bnb, used = quantization(cfg.sft.quantization)
+    bnb, used = quantization(cfg.adapter.quantization)
     device = pick_device()
     kwargs = hub_kwargs(cfg, revision) | weights_kwargs(cfg)
     model = AutoModelForCausalLM.from_pretrained(
         name,
-        dtype=compute_dtype(cfg.sft.quantization),  # bf16 base on capable CUDA, fp32 on CPU
+        dtype=compute_dtype(cfg.adapter.quantization),  # bf16 base on capable CUDA, fp32 on CPU
         quantization_config=bnb,
         device_map={"": device} if bnb else None,
         **kwargs,
@@ -138,7 +138,7 @@ def lora_config(lora: LoraConfig, model: Any):
         available = linear_module_names(model)
         if missing:
             raise ModelError(
-                f"sft.lora.target_modules: {', '.join(missing)} name no Linear module of the "
+                f"adapter.lora.target_modules: {', '.join(missing)} name no Linear module of the "
                 f"model; its Linear modules are: {', '.join(available)}"
             )
     return PeftLoraConfig(

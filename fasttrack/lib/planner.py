@@ -131,8 +131,8 @@ def lora_params(shape: ModelShape, lora: LoraConfig) -> tuple[int, int]:
         if not targets:
             names = sorted({n.rsplit(".", 1)[-1] for n in shape.linears})
             raise ModelError(
-                f"sft.lora.target_modules: {', '.join(wanted)} name no Linear module of the model;"
-                f" its Linear modules are: {', '.join(names)}"
+                f"adapter.lora.target_modules: {', '.join(wanted)} name no Linear module of the "
+                f"model; its Linear modules are: {', '.join(names)}"
             )
     shapes = [shape.linears[n] for n in targets]
     added = sum(lora.r * (i + o) + (o if lora.use_dora else 0) for i, o, _ in shapes)
@@ -192,7 +192,7 @@ def _memory(shape: ModelShape, cfg: RunConfig, s: _Setup, lora: tuple[int, int],
     trainable = shape.total_params if s.method == "full" else lora[0] + lora[1]
     base = shape.total_params * wb
     if s.method == "qlora":
-        q = cfg.sft.quantization
+        q = cfg.adapter.quantization
         quant = [i * o for n, (i, o, _) in shape.linears.items() if n != shape.output_name]
         base = (shape.total_params - sum(quant)) * (4 if q.compute_dtype == "fp32" else 2)
         base += sum(_quant_bytes(n, q.double_quant) for n in quant)
@@ -221,11 +221,12 @@ def plan(cfg: RunConfig, gpu_mem_bytes: int | None = None) -> list[StagePlan]:
     `fasttrack plan CONFIG --gpu-mem 24GiB`.
 
     Reads config.json only. Raises ModelError when it cannot be loaded or when
-    sft.lora.target_modules names no Linear module. sft and dpo train the same adapter
-    (dpo continues the sft one; its reference is the adapter disabled: no second model)."""
+    adapter.lora.target_modules names no Linear module. sft and dpo train the same adapter
+    (dpo continues the sft one; its reference log-probs come from the dpo_ref step, computed
+    once with the SFT policy: no second model in memory)."""
     shape = model_shape(model_config(cfg), cfg.model.trust_remote_code)
-    lora = lora_params(shape, cfg.sft.lora)
-    adapter = "qlora" if cfg.sft.quantization.load_in_4bit else "lora"
+    lora = lora_params(shape, cfg.adapter.lora)
+    adapter = "qlora" if cfg.adapter.quantization.load_in_4bit else "lora"
     stages: list[tuple[str, str, TrainingConfig, int, int]] = [
         ("pretrain", "full", cfg.pretrain, cfg.pretrain.block_size, 1)
     ]
@@ -289,7 +290,7 @@ def _verdict(stage: str, s: _Setup, total: int, gpu: int | None, mem: Any) -> st
         steps.append((f"{stage}.optimizer=adamw_8bit", s))
     if s.method != "qlora":
         s = replace(s, method="qlora")
-        qlora = "QLoRA (sft.quantization.load_in_4bit=true)"
+        qlora = "QLoRA (adapter.quantization.load_in_4bit=true)"
         if stage == "pretrain":
             qlora = "no full fine-tune: skip pretrain and adapt with sft + " + qlora
         steps.append((qlora, s))

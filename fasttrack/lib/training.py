@@ -204,6 +204,7 @@ def run_trainer(
 
 # Knobs that change what is logged or how often it is saved, not the trained weights.
 NOT_IN_KEY = {"logging_steps", "save_steps", "save_total_limit", "timeout_minutes"}
+NOT_IN_KEY |= {"lora", "quantization"}  # deprecated sft fields, moved to `adapter` on load
 
 
 def train_stage(cfg: RunConfig, stage: str, build: Callable[..., Any], *args: Any) -> Any:

@@ -19,14 +19,16 @@ def base(tiny_cfg):
 
 def test_target_modules_naming_no_module_lists_the_linear_names(tiny_cfg, base) -> None:
     model, _, _ = adapters.load_for_training(tiny_cfg, base)
-    bad = tiny_cfg.sft.lora.model_copy(update={"target_modules": ["q_proj", "attn_qkv"]})
+    bad = tiny_cfg.adapter.lora.model_copy(update={"target_modules": ["q_proj", "attn_qkv"]})
     with pytest.raises(ModelError, match=r"attn_qkv name no Linear module.*: .*down_proj.*q_proj"):
         adapters.lora_config(bad, model)
 
 
 def test_target_modules_accept_dotted_suffixes_like_peft(tiny_cfg, base) -> None:
     model, _, _ = adapters.load_for_training(tiny_cfg, base)
-    lora = tiny_cfg.sft.lora.model_copy(update={"target_modules": ["self_attn.o_proj", "up_proj"]})
+    lora = tiny_cfg.adapter.lora.model_copy(
+        update={"target_modules": ["self_attn.o_proj", "up_proj"]}
+    )
     assert set(adapters.lora_config(lora, model).target_modules) == {"self_attn.o_proj", "up_proj"}
     wrong = lora.model_copy(update={"target_modules": ["mlp.o_proj"]})
     with pytest.raises(ModelError, match="mlp.o_proj name no Linear module"):

@@ -121,3 +121,31 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     cfg = load_config(_write(tmp_path, BASE))
     with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error type is internal
         cfg.pretrain.max_steps = 3  # type: ignore[misc]
+
+
+def test_adapter_section_and_deprecated_sft_fields_give_one_key(tmp_path) -> None:
+    """`sft.lora`/`sft.quantization` (old place) load into `adapter`, warn, and key the same."""
+    import yaml
+
+    from fasttrack.core.store import ArtifactRef
+    from tasks.sft import sft_spec
+
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    quant = {"load_in_4bit": False}
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw.pop("adapter")
+    new_path, old_path = tmp_path / "new.yaml", tmp_path / "old.yaml"
+    new_path.write_text(yaml.safe_dump(raw | {"adapter": {"lora": lora, "quantization": quant}}))
+    old_path.write_text(
+        yaml.safe_dump(raw | {"sft": {**raw["sft"], "lora": lora, "quantization": quant}})
+    )
+    new = load_config(new_path)
+    with pytest.warns(FutureWarning, match="sft.lora is deprecated: move it to adapter.lora"):
+        old = load_config(old_path)
+    assert old.adapter == new.adapter and old.adapter.lora.r == 4
+    assert old.sft.lora is None and not old.adapter.quantization.load_in_4bit
+    ref = ArtifactRef(stage="base", key="0" * 64, uri="/nowhere")
+    assert sft_spec(old, ref, ref).key == sft_spec(new, ref, ref).key
+    assert sft_spec(load_config(None), ref, ref).key != sft_spec(new, ref, ref).key
+    with pytest.raises(ConfigError, match="adapter.lora or sft.lora"):
+        load_config(new_path, ["sft.lora.r=4"])

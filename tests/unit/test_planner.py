@@ -168,7 +168,7 @@ def test_scratch_plans_offline_and_matches_peft(
         assert plans["sft"].fits is True
         model = transformers.AutoModelForCausalLM.from_config(model_config(cfg))
         assert plans["pretrain"].total_params == sum(p.numel() for p in model.parameters())
-        ours = cfg.sft.lora
+        ours = cfg.adapter.lora
         peft_model = get_peft_model(
             model,
             LoraConfig(
