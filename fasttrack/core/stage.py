@@ -1,10 +1,11 @@
 """The one way a stage runs: key -> lookup -> lock -> build in staging -> publish (manifest last).
 
-Every stage module describes itself with a `StageSpec` (what determines its output) and a build
-function (how to produce the files); `run_stage` does the rest, so caching, locking, timings and
-manifests behave identically in every stage. `stage_task` wraps a stage for Prefect with a cache
-policy that consults the store, so Prefect shows reuse as `Cached` and never hands out a ref to an
-artifact the store no longer holds.
+Every stage module declares itself once, `STAGE = Stage(name, version, **task_options)`, with a
+spec function (what determines its output: `STAGE.spec(config, upstream, inputs)`) and a build
+`(cfg, spec, out)` (how to produce the files); `STAGE.define(spec_fn, build)` gives the plain
+function and the Prefect task. `run_stage` does the rest, so caching, locking, timings and
+manifests behave identically in every stage. The task's cache policy consults the store, so
+Prefect shows reuse as `Cached` and never hands out a ref to an artifact the store no longer holds.
 """
 
 from __future__ import annotations
