@@ -4,6 +4,7 @@ import pytest
 
 from tasks.config import DEFAULT_CONFIG, RunConfig, load_config
 from tasks.errors import ConfigError
+from tests.conftest import alias_bomb
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "pipeline_configs"
 
@@ -120,3 +121,21 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     cfg = load_config(_write(tmp_path, BASE))
     with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error type is internal
         cfg.pretrain.max_steps = 3  # type: ignore[misc]
+
+
+def test_alias_bomb_is_refused_in_bounded_memory(tmp_path: Path) -> None:
+    import tracemalloc
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb(6))  # 9**6 = 531k values once expanded (1e9 at 10 levels)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError) as exc:
+            load_config(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(exc.value) == (
+        f"{path}: the YAML expands to more than 100000 values (nested aliases?); refused"
+    )
+    assert peak < 200 * 2**20  # the walk stopped at its budget, long before the expansion
