@@ -3,7 +3,7 @@
     fasttrack run                                  # embedded default pipeline_configs/tiny-cpu.yaml
     fasttrack run CONFIG --stages data,pretrain --force pretrain --set pretrain.max_steps=50
     fasttrack plan [CONFIG] [--gpu-mem 24GiB]     # memory/FLOPs per training stage
-    fasttrack ask [CONFIG] "question"             # RAG answer with sources
+    fasttrack ask [CONFIG] "question" [--model sft]   # RAG answer with sources
     fasttrack report [RUN|latest] [--store artifacts]   # re-print a past run's report
     fasttrack ls [--store artifacts]
     fasttrack deploy | worker --queue gpu | zombies   # scheduled runs on a Prefect server
@@ -179,8 +179,12 @@ def ask(
     k: Annotated[int | None, typer.Option(help="Chunks to retrieve (default: rag.top_k)")] = None,
     mode: Annotated[str | None, typer.Option(help="dense | bm25 | hybrid")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override KEY=VALUE")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="dpo | sft | pretrain | base (default: most trained)")
+    ] = None,
 ) -> None:
-    """Answer from the run's RAG index with its newest model (DPO > SFT > pretrain)."""
+    """Answer from the run's RAG index with its newest model (DPO > SFT > pretrain); says why
+    newer ones are missing. The untrained base model only with --model base."""
     from fasttrack.core.config_loader import load_config
     from fasttrack.lib.ask import answer
 
@@ -189,9 +193,11 @@ def ask(
     config, question = (None, args[0]) if len(args) == 1 else args
     try:
         cfg = load_config(config, _split(set_))
-        result = answer(cfg, question, k=k, mode=mode)
+        result = answer(cfg, question, k=k, mode=mode, model=model)
     except FastTrackError as exc:
         _fail(exc)
+    for note in result.notes:
+        err.print(f"[yellow]note:[/] not using {escape(note)}", highlight=False, soft_wrap=True)
     text = escape(result.text) if result.text else "[dim](the model produced no text)[/]"
     console.print(f"[bold]{result.model_stage}[/] ({result.model_key}): {text}")
     sources = Table(title=f"sources ({result.mode})")
@@ -290,10 +296,17 @@ def list_artifacts(
     table = Table(title=f"artifacts in {store}")
     for col in ("stage", "key", "size", "created", "metrics"):
         table.add_column(col)
-    for m in ArtifactStore(store).manifests():
+    try:
+        manifests, broken = ArtifactStore(store).scan()
+    except FastTrackError as exc:
+        _fail(exc)
+    for m in manifests:
         size = sum(f["size"] for f in m["files"])
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(m.get("metrics", {}).items())[:4])
         table.add_row(m["stage"], m["key"][:12], _human(size), m["created_at"], shown)
+    for b in broken:  # never hidden: `fasttrack verify` names and quarantines them
+        what = "[red]SYMLINK (refused)[/]" if b.symlink else "[red]CORRUPT[/]"
+        table.add_row(b.stage, b.key[:12], "-", "-", f"{what} {escape(b.problem)}")
     console.print(table)
 
 
@@ -368,7 +381,13 @@ def collect_garbage(
         age = parse_age(older_than)
     except FastTrackError as exc:
         _fail(exc)
-    result = gc(ArtifactStore(store), age, dry_run=dry_run)
+    try:
+        result = gc(ArtifactStore(store), age, dry_run=dry_run)
+    except FastTrackError as exc:
+        _fail(exc)
+    for line in result.corrupt:
+        err.print(f"[bold red]corrupt:[/] {escape(line)} (kept; `fasttrack verify` quarantines "
+                  "it)", highlight=False, soft_wrap=True)  # fmt: skip
     verb = "would remove" if dry_run else "removed"
     for stage, key, size in result.removed:
         console.print(f"{verb} {stage}/{key} ({_human(size)})")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from fasttrack.core import faultpoint
 from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import ModelError
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
@@ -171,6 +172,7 @@ def build_eval(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     }
     metrics |= answer_metrics(cfg, store, spec.upstream["data"], model, tok)
     metrics |= generation_metrics(cfg, store, spec.upstream["data"], model, tok, out)
+    faultpoint.reached("evaluate:samples-written")  # scored and sampled, no metrics.json yet
     (out / "metrics.json").write_text(json.dumps({**metrics, "protocol": protocol}, indent=2))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return BuildResult(

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fasttrack.core import faultpoint
 from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import DataError, ModelError
 from fasttrack.core.log import get_logger
@@ -278,6 +279,7 @@ def build_rag(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
 
     index, info = build_faiss(vectors, rag)
     faiss.write_index(index, str(out / INDEX_FILE))
+    faultpoint.reached("rag:index-written")  # embedded, half the files written
     np.save(out / EMBEDDINGS_FILE, vectors)
     write_chunks(out / CHUNKS_FILE, chunks)
     build_bm25([c.passage for c in chunks]).save(str(out / BM25_DIR), show_progress=False)

@@ -80,6 +80,14 @@ def tiny_config_dict(store: Path, **sections: Any) -> dict[str, Any]:
     return cfg
 
 
+def alias_bomb(levels: int) -> str:
+    """A "billion laughs" config: each level is a list of nine aliases of the one before."""
+    lines = ["name: x", 'l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
 def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path

@@ -15,6 +15,8 @@ from pydantic import ValidationError
 from fasttrack.core.config import DEFAULT_CONFIG, RunConfig, Section
 from fasttrack.core.errors import ConfigError
 
+MAX_NODES = 100_000  # values in a config, aliases expanded; a real one has a few hundred
+
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load and validate a run config; raise ConfigError naming file, line and field."""
@@ -31,8 +33,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             f"{path}:{line}: not valid UTF-8 ({exc.reason}); save it as UTF-8"
         ) from None
     try:
-        raw = yaml.safe_load(text)
-        lines = _line_index(yaml.compose(text), path)
+        raw = yaml.safe_load(text)  # aliases are shared objects here, not copies
+        lines = _line_index(yaml.compose(text), path, budget=[MAX_NODES])
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -116,11 +118,19 @@ def _allowed_keys(loc: tuple[str, ...]) -> list[str]:
 
 
 def _line_index(
-    node: yaml.Node | None, path: Path, loc: tuple[str, ...] = ()
+    node: yaml.Node | None, path: Path, loc: tuple[str, ...] = (), *, budget: list[int]
 ) -> dict[tuple[str, ...], int]:
     """Map each key path of a YAML document to its 1-based line number. A key given twice is an
-    error: YAML keeps the last silently, so a repeated section would drop the first one."""
+    error: YAML keeps the last silently, so a repeated section would drop the first one.
+
+    The walk expands aliases (every path gets a line), so nested aliases (a "billion laughs"
+    config) would grow exponentially: `budget` bounds the paths visited, in time and memory."""
     lines: dict[tuple[str, ...], int] = {}
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ConfigError(
+            f"{path}: the YAML expands to more than {MAX_NODES} values (nested aliases?); refused"
+        )
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
             sub = (*loc, str(key.value))
@@ -130,10 +140,10 @@ def _line_index(
                     f"(first given at line {lines[sub]})"
                 )
             lines[sub] = key.start_mark.line + 1
-            lines.update(_line_index(value, path, sub))
+            lines.update(_line_index(value, path, sub, budget=budget))
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             sub = (*loc, str(i))
             lines[sub] = item.start_mark.line + 1
-            lines.update(_line_index(item, path, sub))
+            lines.update(_line_index(item, path, sub, budget=budget))
     return lines

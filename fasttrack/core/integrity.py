@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fasttrack.core.store import ArtifactRef, ArtifactStore, sha256_file
+from fasttrack.core.store import ArtifactRef, ArtifactStore, CorruptArtifact, sha256_file
 
 RACY_S = 2.0
 _MEMO: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -74,8 +74,12 @@ def _save_stamp(store: ArtifactStore, stage: str, key: str, stamp: dict[str, Any
 
 
 def check(store: ArtifactStore, stage: str, key: str) -> tuple[ArtifactRef | None, list[str]]:
-    """(ref, []) if intact; (None, problems) if corrupt; (None, []) if there is no artifact."""
-    manifest = store.read_manifest(stage, key)
+    """(ref, []) if intact; (None, problems) if corrupt; (None, []) if there is no artifact.
+    A symlinked artifact raises `SymlinkedArtifact` (refused, see tasks/store.py)."""
+    try:
+        manifest = store.read_manifest(stage, key)
+    except CorruptArtifact as exc:
+        return None, [str(exc)]
     if manifest is None:
         return None, []
     if not store.local:

@@ -35,6 +35,7 @@ _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 # Part of every Prefect cache key: bumped when pickled results (ArtifactRef's module path) move,
 # so Prefect never tries to unpickle a record written by an older layout of the package.
 RESULTS = "fasttrack.core"
+_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @dataclass(frozen=True)
@@ -84,28 +85,43 @@ def run_stage(
     if not force and (ref := checked_lookup(store, spec.stage, spec.key)) is not None:
         log.info("%s: reusing %s", spec.stage, ref.short)
         return ref
-    with store.lock(spec.stage, spec.key):
-        # Re-checked under the lock: someone may have published meanwhile, and a corrupt
-        # artifact is quarantined here (never while another process may be rebuilding it).
-        ref = checked_lookup(store, spec.stage, spec.key, fix=True)
-        if not force and ref is not None:
-            log.info("%s: %s was published meanwhile; reusing it", spec.stage, ref.short)
-            return ref
-        store.clean_tmp()
-        started = time.time()
-        log.info("%s: building %s", spec.stage, spec.key[:12])
-        try:
+    try:
+        with store.lock(spec.stage, spec.key):
+            # Re-checked under the lock: someone may have published meanwhile, and a corrupt
+            # artifact is quarantined here (never while another process may be rebuilding it).
+            ref = checked_lookup(store, spec.stage, spec.key, fix=True)
+            if not force and ref is not None:
+                log.info("%s: %s was published meanwhile; reusing it", spec.stage, ref.short)
+                return ref
+            store.clean_tmp()
+            started = time.time()
+            log.info("%s: building %s", spec.stage, spec.key[:12])
             ref = _build_and_publish(store, spec, build, force, started)
-        except OSError as exc:
-            if exc.errno not in _DISK_FULL:
-                raise
-            raise StoreError(
-                f"{spec.stage} {spec.key[:12]}: no space left on device under {store.scratch} or "
-                f"{store.url} ({exc.strerror}); nothing was published: free space and re-run"
-            ) from exc
+    except OSError as exc:
+        if (clear := storage_error(store, f"{spec.stage} {spec.key[:12]}", exc)) is None:
+            raise
+        raise clear from exc
     shutil.rmtree(store.work_dir(spec.stage, spec.key), ignore_errors=True)  # checkpoints
     log.info("%s: published %s in %.1fs", spec.stage, ref.short, time.time() - started)
     return ref
+
+
+def storage_error(store: ArtifactStore, what: str, exc: OSError) -> StoreError | None:
+    """The one-line error for a full disk anywhere, or a store that cannot be written (read-only
+    mount, no permission: only for paths inside the store); None for any other OSError."""
+    path = exc.filename or f"{store.scratch} or {store.url}"
+    if exc.errno in _DISK_FULL:
+        return StoreError(
+            f"{what}: no space left on device (disk full) writing {path}; nothing was published: "
+            "free space and re-run"
+        )
+    inside = exc.filename and str(exc.filename).startswith((str(store.scratch), str(store.root)))
+    if exc.errno in _READ_ONLY and inside:
+        return StoreError(
+            f"{what}: the store {store.url} is not writable ({exc.strerror}): cannot write "
+            f"{exc.filename}; building needs a writable store (reading works read-only)"
+        )
+    return None
 
 
 def _build_and_publish(
@@ -155,8 +171,11 @@ class StoreCachePolicy(CachePolicy):
         except FastTrackError:
             return None  # the task itself will raise the same error, cleanly
         store = ArtifactStore(args["cfg"].store)
-        manifest = store.read_manifest(spec.stage, spec.key)
-        if manifest is None or checked_lookup(store, spec.stage, spec.key) is None:
+        try:
+            manifest = store.read_manifest(spec.stage, spec.key)
+            if manifest is None or checked_lookup(store, spec.stage, spec.key) is None:
+                return None
+        except StoreError:  # corrupt or symlinked: the task quarantines it or says why not
             return None
         identity = f"{RESULTS}:{spec.key}:{manifest.get('created_at')}:{manifest.get('host')}"
         return f"fasttrack-{spec.stage}-{hashlib.sha256(identity.encode()).hexdigest()[:32]}"

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -39,6 +40,24 @@ _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _RESERVED = {"tmp", "work", "locks", "quarantine", "verified"}
 _VERSIONED = ("torch", "transformers", "tokenizers", "datasets", "peft", "trl", "accelerate",
               "bitsandbytes", "prefect", "numpy", "pyarrow", "llm-fasttrack")  # fmt: skip
+
+
+class CorruptArtifact(StoreError):
+    """An artifact directory whose manifest is missing or unreadable: quarantined on lookup."""
+
+
+class SymlinkedArtifact(StoreError):
+    """A stage or artifact directory that is a symlink: refused everywhere."""
+
+
+@dataclass(frozen=True)
+class Broken:
+    """An artifact directory that is not a usable artifact, and why."""
+
+    stage: str
+    key: str
+    problem: str
+    symlink: bool = False
 
 
 class ArtifactRef(BaseModel):
@@ -148,19 +167,51 @@ class ArtifactStore:
 
     # ---- lookup ------------------------------------------------------------------------
     def read_manifest(self, stage: str, key: str) -> dict[str, Any] | None:
-        path = f"{self._dir(stage, key)}/{MANIFEST}"
+        """The manifest of (stage, key), or None when there is no artifact.
+
+        Raises `CorruptArtifact` when the artifact directory exists but its manifest is
+        unreadable, names another artifact, or (local stores, where a directory only ever
+        appears whole by a rename) is missing: such a directory must not look absent, or a
+        rebuild could never publish over it. Raises `SymlinkedArtifact` for a symlink.
+        """
+        where = self._dir(stage, key)
+        self._refuse_symlink(stage, key)
         try:
-            with self.fs.open(path, "rb") as f:
+            with self.fs.open(f"{where}/{MANIFEST}", "rb") as f:
                 manifest = json.loads(f.read())
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        except FileNotFoundError:
+            if self.local and os.path.isdir(where):
+                raise CorruptArtifact(f"{MANIFEST}: missing") from None
             return None
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+            raise CorruptArtifact(f"{MANIFEST}: unreadable ({exc})") from None
+        if not isinstance(manifest, dict):
+            raise CorruptArtifact(f"{MANIFEST}: not a JSON object")
         if manifest.get("key") != key or manifest.get("stage") != stage:
-            return None
+            raise CorruptArtifact(f"{MANIFEST}: names another artifact")
+        if not isinstance(manifest.get("files"), list):
+            raise CorruptArtifact(f"{MANIFEST}: no file list")
         return manifest
+
+    def _refuse_symlink(self, stage: str, key: str) -> None:
+        """The store refuses symlinked stage or artifact directories (see README "Reliability"):
+        gc, verify and quarantine work on the store's own directories, and a link could make
+        them act on (or miss) files elsewhere."""
+        if not self.local:
+            return
+        for path in (f"{self.root}/{stage}", f"{self.root}/{stage}/{key}"):
+            if os.path.islink(path):
+                raise SymlinkedArtifact(
+                    f"{path} is a symlink (to {os.readlink(path)}); the store refuses symlinked "
+                    "artifacts: replace it with a copy or remove it"
+                )
 
     def lookup(self, stage: str, key: str) -> ArtifactRef | None:
         """The ref of a *complete* artifact (manifest + every listed file at its size), or None."""
-        manifest = self.read_manifest(stage, key)
+        try:
+            manifest = self.read_manifest(stage, key)
+        except CorruptArtifact:
+            return None
         if manifest is None:
             return None
         base = self.files_dir(stage, key, manifest)
@@ -185,22 +236,47 @@ class ArtifactStore:
         )
 
     def manifests(self) -> list[dict[str, Any]]:
-        """Every complete-looking manifest in the store (for `fasttrack ls`)."""
-        out = []
-        for path in sorted(self.fs.glob(f"{self.root}/*/*/{MANIFEST}")):
-            stage, key = path.split("/")[-3:-1]
-            if stage in _RESERVED or not _KEY_RE.match(key):
+        """Every readable manifest in the store (for `fasttrack ls`; see `scan` for the rest)."""
+        return self.scan()[0]
+
+    def scan(self) -> tuple[list[dict[str, Any]], list[Broken]]:
+        """(readable manifests, broken artifact directories): a corrupt manifest or a symlink
+        is listed, never skipped, so verify, ls and gc see it."""
+        good: list[dict[str, Any]] = []
+        broken: list[Broken] = []
+        for stage, key in self._artifact_dirs():
+            try:
+                manifest = self.read_manifest(stage, key)
+            except StoreError as exc:
+                broken.append(Broken(stage, key, str(exc), isinstance(exc, SymlinkedArtifact)))
                 continue
-            manifest = self.read_manifest(stage, key)
             if manifest is not None:
-                out.append(manifest)
-        return out
+                good.append(manifest)
+        return good, broken
+
+    def _artifact_dirs(self) -> list[tuple[str, str]]:
+        if not self.local:  # object stores: a key "directory" exists once it has a manifest
+            paths = self.fs.glob(f"{self.root}/*/*/{MANIFEST}")
+            pairs = [tuple(p.split("/")[-3:-1]) for p in paths]
+        elif os.path.isdir(self.root):  # os.scandir lists symlinks too (fsspec's glob skips them)
+            pairs = []
+            with os.scandir(self.root) as top:
+                for entry in top:
+                    if entry.is_dir() and entry.name not in _RESERVED:
+                        pairs += [(entry.name, k) for k in os.listdir(entry.path)]
+        else:
+            return []
+        ok = [(s, k) for s, k in pairs if _STAGE_RE.match(s) and _KEY_RE.match(k)]
+        return sorted((s, k) for s, k in ok if s not in _RESERVED)
 
     def verify(self, stage: str, key: str) -> list[str]:
         """Problems found by re-hashing every file of an artifact (empty list = intact)."""
-        manifest = self.read_manifest(stage, key)
+        try:
+            manifest = self.read_manifest(stage, key)
+        except StoreError as exc:
+            return [str(exc)]
         if manifest is None:
-            return [f"{stage}/{key}: no readable manifest"]
+            return [f"{stage}/{key}: no artifact"]
         problems, base = [], self.files_dir(stage, key, manifest)
         for entry in manifest["files"]:
             try:

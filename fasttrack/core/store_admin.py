@@ -52,12 +52,16 @@ class Finding:
 
 
 def verify_all(store: ArtifactStore, fix: bool = True) -> tuple[int, list[Finding]]:
-    """(artifacts checked, findings): every file of every manifest re-hashed, no stamps trusted.
+    """(artifacts checked, findings): every file of every manifest re-hashed, no stamps trusted;
+    a directory with an unreadable manifest is corrupt, a symlinked one is refused.
 
     With `fix`, a corrupt artifact is quarantined under its key's lock after a re-check."""
-    findings, manifests = [], store.manifests()
-    for m in manifests:
-        stage, key = m["stage"], m["key"]
+    manifests, broken = store.scan()
+    findings = [Finding(b.stage, b.key, [b.problem]) for b in broken if b.symlink]
+    todo = [(m["stage"], m["key"]) for m in manifests] + [
+        (b.stage, b.key) for b in broken if not b.symlink
+    ]
+    for stage, key in sorted(todo):
         if not (problems := store.verify(stage, key)):
             continue
         finding = Finding(stage, key, problems)
@@ -67,7 +71,7 @@ def verify_all(store: ArtifactStore, fix: bool = True) -> tuple[int, list[Findin
                     finding.problems = problems
                     finding.quarantined_to = quarantine(store, stage, key, problems)
         findings.append(finding)
-    return len(manifests), findings
+    return len(manifests) + len(broken), findings
 
 
 def _promoted_keys(store: ArtifactStore) -> set[str]:
@@ -110,6 +114,7 @@ class GcResult:
     kept: int = 0
     busy: list[str] = field(default_factory=list)
     work_dirs: list[str] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)  # kept: `fasttrack verify` quarantines
 
     @property
     def freed(self) -> int:
@@ -117,8 +122,16 @@ class GcResult:
 
 
 def gc(store: ArtifactStore, max_age_s: float, dry_run: bool = False) -> GcResult:
-    """Remove unreferenced artifacts (and stale work dirs) older than `max_age_s`."""
-    now, manifests, result = time.time(), store.manifests(), GcResult()
+    """Remove unreferenced artifacts (and stale work dirs) older than `max_age_s`.
+
+    Refuses to run while the store holds a symlinked artifact (what it was built from cannot
+    be trusted to stay referenced); artifacts with a corrupt manifest are kept and reported
+    (`fasttrack verify` quarantines them)."""
+    now, (manifests, broken), result = time.time(), store.scan(), GcResult()
+    if links := [b.problem for b in broken if b.symlink]:
+        raise StoreError(f"gc: nothing removed: {links[0]}" + (
+            f" (and {len(links) - 1} more)" if len(links) > 1 else ""))  # fmt: skip
+    result.corrupt = [f"{b.stage}/{b.key}: {b.problem}" for b in broken]
     keep = referenced(store, manifests, max_age_s, now)
     for m in manifests:
         stage, key = m["stage"], m["key"]

@@ -12,7 +12,7 @@ from typing import Any
 from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import FastTrackError
 from fasttrack.core.store import ArtifactRef
-from fasttrack.lib.chain import lookup, newest_model
+from fasttrack.lib.chain import lookup, pick_model
 from fasttrack.lib.generate import generate
 
 PROMPT = "Answer the question using the context. Cite sources as [n].\n\n{context}\n\nQuestion: {q}"
@@ -25,6 +25,7 @@ class Answer:
     mode: str
     model_stage: str
     model_key: str
+    notes: list[str]  # why newer models of the run were not used
 
 
 def run_index(cfg: RunConfig) -> ArtifactRef:
@@ -44,16 +45,23 @@ def build_prompt(question: str, hits: list[Any]) -> str:
     return PROMPT.format(context=context, q=question)
 
 
-def answer(cfg: RunConfig, question: str, k: int | None = None, mode: str | None = None) -> Answer:
+def answer(
+    cfg: RunConfig,
+    question: str,
+    k: int | None = None,
+    mode: str | None = None,
+    model: str | None = None,
+) -> Answer:
+    """`model`: a stage of MODEL_ORDER; default the most trained one (never the untrained base)."""
     from fasttrack.lib.models import load_model
     from fasttrack.lib.retrieval import Retriever
 
     if not question.strip():
         raise FastTrackError("ask: the question is empty")
+    stage, ref, notes = pick_model(cfg, model)  # before the index: fail fast, load nothing
     retriever = Retriever.open(cfg, run_index(cfg))
     mode = mode or cfg.rag.mode
     hits = retriever.search(question, k=k or cfg.rag.top_k, mode=mode)
-    stage, ref = newest_model(cfg)
-    model, tok = load_model(cfg, ref)
-    text = generate(model, tok, [build_prompt(question, hits)], cfg.generation, seed=cfg.seed)[0]
-    return Answer(text=text, hits=hits, mode=mode, model_stage=stage, model_key=ref.short)
+    lm, tok = load_model(cfg, ref)
+    text = generate(lm, tok, [build_prompt(question, hits)], cfg.generation, seed=cfg.seed)[0]
+    return Answer(text, hits, mode, model_stage=stage, model_key=ref.short, notes=notes)

@@ -7,12 +7,15 @@ helpers serves all three and they behave alike: same knobs, same resume, same lo
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +146,34 @@ def last_checkpoint(work: Path) -> tuple[str | None, int]:
     return None, 0
 
 
+FULL_BELOW = 1 << 20  # bytes free under which a failed write is taken for a full disk
+
+
+@contextmanager
+def disk_full_is_oserror(work: Path, out: Path) -> Iterator[None]:
+    """A full disk while a checkpoint (in `work`) or the model (in `out`) is written becomes one
+    `OSError(ENOSPC, path)`, which `run_stage` reports as one line, and the torn checkpoint is
+    removed. torch's zip writer reports a full disk as a RuntimeError ("unexpected pos ...",
+    "file write failed") and safetensors as its own error type, so besides an ENOSPC in the
+    exception chain the free space left on the failing filesystem decides."""
+    try:
+        yield
+    except Exception as exc:
+        full = [p for p in (work, out) if p.is_dir() and shutil.disk_usage(p).free < FULL_BELOW]
+        chain, e = [], exc
+        while e is not None and len(chain) < 20:
+            chain.append(e)
+            e = e.__cause__ or e.__context__
+        if not full and not any(
+            isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain
+        ):
+            raise
+        torn = sorted(work.glob("checkpoint-*"), key=lambda p: p.stat().st_mtime)
+        last_checkpoint(work)  # removes the half-written checkpoint
+        where = torn[-1] if torn and not checkpoint_complete(torn[-1]) else (full or [work])[0]
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where)) from exc
+
+
 def run_trainer(
     trainer: Any,
     stage: str,
@@ -169,10 +200,11 @@ def run_trainer(
         # Evaluated inside train(), after the model is wrapped: a trainer.evaluate() before
         # train() leaves DDP ranks training unsynchronised (each on its own shard).
         trainer.args.eval_on_start = True
-    result = trainer.train(resume_from_checkpoint=resume)
-    final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
-    sharding = shard_report(trainer.model)  # FSDP2: this rank's share of the parameters
-    trainer.save_model(str(out))  # collective under FSDP (gathers the full state dict)
+    with disk_full_is_oserror(work, out):
+        result = trainer.train(resume_from_checkpoint=resume)
+        final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
+        sharding = shard_report(trainer.model)  # FSDP2: this rank's share of the parameters
+        trainer.save_model(str(out))  # collective under FSDP (gathers the full state dict)
     extra = after(trainer.model) if after else {}
     finish_if_not_rank0()  # other ranks stop here; rank 0 writes everything below
     history = trainer.state.log_history

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from tests.conftest import tiny_config_dict, write_config
+from tests.conftest import alias_bomb, tiny_config_dict, write_config
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,16 @@ def _no_tokenizer(path: Path) -> None:
         (path / name).unlink()
 
 
+def _symlinked_artifact(ctx: Ctx) -> tuple[list[str], Path]:
+    """`<store>/data/<key>` a symlink to a directory elsewhere."""
+    elsewhere = ctx.tmp / "elsewhere"
+    elsewhere.mkdir()
+    link = ctx.store / "data" / ("ab" * 32)
+    link.parent.mkdir(parents=True)
+    link.symlink_to(elsewhere)
+    return ["gc", "--store", str(ctx.store)], link
+
+
 BIG_LINE = '{"text": "' + "word " * 2_000_000 + '"}\n'  # 10 MB on one line
 CFG = "<file>"
 
@@ -170,6 +180,9 @@ CASES: list[Case] = [
     Case("config-duplicate-key", "config", "the same section given twice",
          lambda c: config_text(c, good_yaml(c) + "pretrain: {max_steps: 5}\n"),
          f"{CFG}:<n>: pretrain: duplicate key (first given at line <n>)"),
+    Case("config-alias-bomb", "config", "YAML alias bomb (\"billion laughs\", 10 levels)",
+         lambda c: config_text(c, alias_bomb(10)),
+         f"{CFG}: the YAML expands to more than <n> values (nested aliases?); refused"),
     Case("config-wrong-type", "config", "a string where an integer belongs",
          lambda c: config_text(c, good_yaml(c).replace("max_steps: 40", "max_steps: lots")),
          f"{CFG}:<n>: pretrain.max_steps: Input should be a valid integer, …"),
@@ -219,6 +232,11 @@ CASES: list[Case] = [
     Case("cli-report-unknown-run", "cli", "`report` of a run the store does not have",
          lambda c: (["report", "nope", "--store", str(c.store)], c.store),
          "report: no report of 'nope' in <file> (runs: none)"),
+    # --- the store ----------------------------------------------------------------------------
+    Case("store-symlinked-artifact", "store", "an artifact directory that is a symlink (`gc`)",
+         _symlinked_artifact,
+         "gc: nothing removed: <file> is a symlink (to …); the store refuses symlinked "
+         "artifacts: replace it with a copy or remove it"),
     # --- data files (found by the data stage, inside the flow) ------------------------------
     Case("data-missing-file", "data", "source file does not exist",
          source_case(lambda c: c.tmp / "nope.jsonl"),
@@ -309,6 +327,20 @@ NAN_CASE = Case(
     "pretrain",
 )
 
+# File-system faults, exercised for real by tests/e2e/test_fs_faults.py (a read-only bind mount
+# and a nearly full tmpfs over the store); `<file>` is the failing stage, then the store.
+FS_CASES = [
+    Case("fs-disk-full", "file system",
+         "disk full while a checkpoint, the trained model, staging or the manifest is written",
+         lambda c: ([], "pretrain"),
+         "<file> …: no space left on device (disk full) writing …; nothing was published: "
+         "free space and re-run", "pretrain"),
+    Case("fs-read-only-store", "file system", "read-only store when a stage must be built",
+         lambda c: ([], "sft"),
+         "<file> …: the store … is not writable (…): cannot write …; building needs a "
+         "writable store (reading works read-only)", "sft"),
+]  # fmt: skip
+
 
 def render_doc() -> str:
     """docs/errors.md: the table of bad inputs, their one-line errors and exit codes."""
@@ -340,6 +372,14 @@ def render_doc() -> str:
         "| id | input | message (`error: …`) | exit |",
         "|---|---|---|---|",
         f"| `{NAN_CASE.id}` | {NAN_CASE.group}: {NAN_CASE.input} | `{NAN_CASE.shape}` | 2 |",
+        "",
+        "File-system faults while a stage is built: the torn checkpoint or staging directory is",
+        "removed and nothing is published; `<file>` is the stage. A read-only store can still be",
+        "read: `verify`, `ls`, `report`, `ask` and a fully cached `run` work.",
+        "",
+        "| id | input | message (`error: …`) | exit |",
+        "|---|---|---|---|",
+        *(f"| `{c.id}` | {c.group}: {c.input} | `{c.shape}` | 2 |" for c in FS_CASES),
     ]
     return "\n".join(lines) + "\n"
 

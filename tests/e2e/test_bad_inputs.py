@@ -55,7 +55,7 @@ def test_bad_input(
 
 def test_table_size_and_docs_are_current() -> None:
     assert len(CASES) >= 25 and len({c.id for c in CASES}) == len(CASES)
-    assert {c.group for c in CASES} == {"config", "cli", "data", "model"}
+    assert {c.group for c in CASES} == {"config", "cli", "store", "data", "model"}
     doc = ROOT / "docs" / "errors.md"
     assert doc.read_text() == render_doc(), (
         "docs/errors.md is stale: python -m tests.e2e.bad_inputs > docs/errors.md"

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from fasttrack.core import faultpoint
 from fasttrack.core.config_loader import load_config
 from fasttrack.core.store import ArtifactStore
 from fasttrack.lib.training import checkpoint_complete
@@ -48,8 +49,15 @@ def _checkpoint(store: ArtifactStore, stage: str) -> Callable[[], bool]:
     return lambda: any(checkpoint_complete(p) for p in work.glob("*/checkpoint-*"))
 
 
+def _inside(tmp: Path, point: str) -> tuple[dict[str, str], Callable[[], bool]]:
+    """Env that stops the run at a named point inside a stage (tasks/faultpoint.py), and the
+    readiness check for it: the kill lands there, not at start-up, however loaded the machine."""
+    env = {faultpoint.ENV: point, faultpoint.DIR_ENV: str(tmp)}
+    return env, faultpoint.marker(tmp, point).exists
+
+
 def _kill_when(proc, ready: Callable[[], bool], what: str, log: Path) -> None:
-    deadline = time.time() + 240
+    deadline = time.time() + 600  # a safety net, not a timing: a loaded machine is slow
     try:
         while not ready():
             assert proc.poll() is None, f"{what}: the run ended first:\n{log.read_text()[-3000:]}"
@@ -72,17 +80,20 @@ def test_sigkill_during_each_stage_then_rerun(tmp_path: Path) -> None:
         ("pretrain", TRAINING, _checkpoint(store, "pretrain")),
         ("sft", TRAINING, _checkpoint(store, "sft")),
         ("dpo", TRAINING, _checkpoint(store, "dpo")),
-        ("rag", ALL.split(","), _staging(store, "rag")),
-        ("evaluate", ALL.split(","), _staging(store, "evaluate")),
+        ("rag", ALL.split(","), _inside(tmp_path, "rag:index-written")),
+        ("evaluate", ALL.split(","), _inside(tmp_path, "evaluate:samples-written")),
     ]
     before: dict = {}
     for stage, stages, ready in kills:
+        hook, ready = ready if isinstance(ready, tuple) else ({}, ready)
         log = tmp_path / f"kill-{stage}.log"
-        proc = spawn(["run", str(cfg_path), "--stages", ",".join(stages)], env, log)
+        proc = spawn(["run", str(cfg_path), "--stages", ",".join(stages)], env | hook, log)
         _kill_when(proc, ready, stage, log)
         published = Counter(m["stage"] for m in store.manifests())
         killed_stage = "report" if stage == "evaluate" else stage
         assert published[killed_stage] == 0, f"{stage} finished before the kill"
+        if hook:  # killed half-way through the build: its staging dir holds some files
+            assert any((store.scratch / "tmp").glob(f"*--{stage}-*/*")), stage
         assert_consistent(store)
         after = snapshot(store)
         assert_not_republished(before, after)

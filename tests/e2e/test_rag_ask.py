@@ -42,6 +42,27 @@ def test_rag_in_the_flow_then_ask_answers_with_sources(tmp_path: Path) -> None:
     assert "sft" in result.stdout  # the newest model of this run answered
     assert title in result.stdout  # and the source that holds the answer is cited
     assert "sources (hybrid)" in result.stdout
+    # It says why no newer model answered, and never falls back silently (issue #20)
+    assert "note: not using dpo: not trained for this config (no dpo_ref " in result.stderr
+    store = ArtifactStore(str(tmp_path / "store"))
+    weights = Path(store.uri("sft", steps["sft"].key)) / "adapter_model.safetensors"
+    damaged = bytearray(weights.read_bytes())
+    damaged[-10] ^= 0xFF
+    weights.write_bytes(damaged)
+    result = CliRunner().invoke(app, ["ask", str(path), "What is base64?"])
+    assert result.exit_code == 0 and result.stdout.startswith("pretrain ("), result.output
+    assert f"note: not using sft: sft {steps['sft'].key[:12]} is corrupt (" in result.stderr
+    assert "quarantined to " in result.stderr and "`fasttrack run` rebuilds it" in result.stderr
+    assert not weights.exists()  # moved aside, as a run would
+    other = ["ask", str(path), "What is base64?", "--set", "pretrain.max_steps=7"]
+    result = CliRunner().invoke(app, other)  # a config no run has trained
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output
+    assert "no trained model for run 'test-tiny'" in errors[0]
+    assert "pretrain: not trained for this config (no pretrain " in errors[0]
+    assert "--model base" in errors[0]
+    result = CliRunner().invoke(app, [*other, "--model", "base"])  # asked for explicitly
+    assert result.exit_code == 0 and result.stdout.startswith("base ("), result.output
 
 
 def test_ask_without_an_index_says_what_to_run(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ import pytest
 from fasttrack.core.config import DEFAULT_CONFIG, RunConfig
 from fasttrack.core.config_loader import load_config
 from fasttrack.core.errors import ConfigError
+from tests.conftest import alias_bomb
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "pipeline_configs"
 
@@ -149,3 +150,21 @@ def test_adapter_section_and_deprecated_sft_fields_give_one_key(tmp_path) -> Non
     assert sft_spec(load_config(None), ref, ref).key != sft_spec(new, ref, ref).key
     with pytest.raises(ConfigError, match="adapter.lora or sft.lora"):
         load_config(new_path, ["sft.lora.r=4"])
+
+
+def test_alias_bomb_is_refused_in_bounded_memory(tmp_path: Path) -> None:
+    import tracemalloc
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb(6))  # 9**6 = 531k values once expanded (1e9 at 10 levels)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ConfigError) as exc:
+            load_config(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(exc.value) == (
+        f"{path}: the YAML expands to more than 100000 values (nested aliases?); refused"
+    )
+    assert peak < 200 * 2**20  # the walk stopped at its budget, long before the expansion
