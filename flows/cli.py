@@ -39,6 +39,20 @@ console = Console()
 err = Console(stderr=True)
 
 
+def show(renderable: Any, to: Console | None = None) -> None:
+    """Print a table whole: on a terminal rich fits it to the window; piped (a log file, CI)
+    rich would cut it to 80 columns (`mod… per…`), so it gets the width it needs unless
+    COLUMNS says otherwise."""
+    from rich.measure import Measurement
+
+    to = to or console
+    if to.is_terminal or os.environ.get("COLUMNS"):
+        to.print(renderable)
+        return
+    need = Measurement.get(to, to.options.update_width(100_000), renderable).maximum
+    to.print(renderable, width=max(need, to.width))
+
+
 class _OneLineUsageErrors(typer.core.TyperGroup):
     """Usage errors (unknown option or command, missing argument) as one `error:` line like
     every other user error, instead of typer's usage + help hint + boxed panel."""
@@ -74,20 +88,33 @@ def _split(values: list[str] | None) -> list[str]:
 
 
 class _HideUserErrorTracebacks(logging.Filter):
-    """Prefect logs task failures with tracebacks; for input errors the one line is enough."""
+    """Prefect logs a failed task/flow with a traceback, then twice more in "Finished in state
+    Failed(... DataError: <message>)" lines; for an input error the CLI's one `error:` line is
+    the whole story, so those records are dropped from the console (the API still gets them)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], FastTrackError):
-            record.exc_info, record.exc_text = None, None
-        return True
+            return False
+        text = record.getMessage()
+        return not any(f"{name}: " in text or f"{name}(" in text for name in _user_errors())
+
+
+def _user_errors() -> set[str]:
+    todo, names = [FastTrackError], set()
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return names
 
 
 def _quiet_prefect_tracebacks() -> None:
     flt = _HideUserErrorTracebacks()
-    for name in list(logging.root.manager.loggerDict):
+    for name in ["prefect", *logging.root.manager.loggerDict]:
         if name.startswith("prefect"):
             for handler in logging.getLogger(name).handlers:
-                handler.addFilter(flt)
+                if isinstance(handler, logging.StreamHandler):  # the console, not the API
+                    handler.addFilter(flt)
 
 
 def _fail(exc: Exception) -> None:
@@ -111,8 +138,9 @@ def run(
     from tasks.config import load_config
 
     try:
-        load_config(config, _split(set_))  # fail fast, before Prefect starts
+        cfg = load_config(config, _split(set_))  # fail fast, before Prefect starts
         from flows.pipeline import AVAILABLE, PipelineParams, check_params, pipeline
+        from tasks.preflight import preflight
 
         params = PipelineParams(
             config=config,
@@ -121,6 +149,7 @@ def run(
             force=_split(force),
         )
         check_params(params)
+        preflight(cfg, params.stages)  # every input check that needs no data scan
     except FastTrackError as exc:
         _fail(exc)
     if not verbose:
@@ -141,11 +170,13 @@ def run(
     for s in summary.steps:
         colour = "green" if s.status == "cached" else "yellow"
         steps.add_row(s.step, s.key[:12], f"[{colour}]{s.status}[/]", f"{s.seconds:.1f}")
-    console.print(steps)
+    show(steps)
     if summary.table:
-        console.print(metrics_table(summary.table))
+        show(metrics_table(summary.table))
     if summary.retrieval:
-        console.print(metrics_table(summary.retrieval, title="retrieval (held-out questions)"))
+        show(metrics_table(summary.retrieval, title="retrieval (held-out questions)"))
+    if summary.report:
+        console.print(f"report: {summary.report}", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -157,14 +188,21 @@ def plan(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override KEY=VALUE")] = None,
 ) -> None:
     """Memory/compute plan of every training stage before any GPU time is spent."""
-    from tasks.config import load_config
+    from tasks.config import STAGES, load_config
+    from tasks.device_info import detect_memory
     from tasks.planner import parse_size, render_plan
     from tasks.planner import plan as make_plan
+    from tasks.preflight import preflight
 
     try:
         cfg = load_config(config, _split(set_))
-        mem = parse_size(gpu_mem) if gpu_mem else None
-        console.print(render_plan(make_plan(cfg, mem), mem))
+        preflight(cfg, STAGES)
+        if gpu_mem:
+            mem, device = parse_size(gpu_mem), "--gpu-mem"
+        else:
+            mem, device = detect_memory()
+        console.print(f"device: {device}", soft_wrap=True, highlight=False)
+        show(render_plan(make_plan(cfg, mem), mem))
     except ValueError as exc:
         _fail(FastTrackError(f"--gpu-mem {gpu_mem}: {exc}"))
     except FastTrackError as exc:
@@ -199,7 +237,7 @@ def ask(
         sources.add_column(col)
     for hit in result.hits:
         sources.add_row(str(hit.rank), hit.title, hit.section or "", f"{hit.score:.3f}")
-    console.print(sources)
+    show(sources)
 
 
 @app.command()
@@ -247,7 +285,7 @@ def zombies() -> None:
 def metrics_table(rows: list[dict], title: str = "evaluation (held-out data)") -> Table:
     table = Table(title=title)
     for col in rows[0]:
-        left = col in ("model", "eval_key", "retrieval")
+        left = col in ("model", "eval_key", "retrieval", "small_n")
         table.add_column(col, justify="left" if left else "right")
     for row in rows:
         table.add_row(*(_fmt(v) for v in row.values()))
@@ -294,7 +332,7 @@ def list_artifacts(
         size = sum(f["size"] for f in m["files"])
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(m.get("metrics", {}).items())[:4])
         table.add_row(m["stage"], m["key"][:12], _human(size), m["created_at"], shown)
-    console.print(table)
+    show(table)
 
 
 def _human(n: float) -> str:

@@ -21,12 +21,13 @@ from tasks.gates import enforce_gates
 from tasks.generate import MODEL_ORDER, run_models
 from tasks.models import base_task
 from tasks.packing import pack_task
+from tasks.preflight import preflight
 from tasks.pretrain import pretrain_task
 from tasks.rag import rag_task
 from tasks.report import RunSummary, StepRunner, metrics_table, publish_table, retrieval_table
 from tasks.run_report import publish_report, report_task
 from tasks.sft import sft_task
-from tasks.store import ArtifactRef
+from tasks.store import ArtifactRef, ArtifactStore
 
 STEPS = ("data", "base", "pack", "pretrain", "sft", "dpo_ref", "dpo", "rag", "evaluate", "report")
 MODEL_CHAIN = tuple(reversed(MODEL_ORDER))  # base, pretrain, sft, dpo
@@ -81,6 +82,8 @@ def pipeline(params: PipelineParams | None = None) -> RunSummary:
     check_params(params)
     cfg = load_config(params.config, params.overrides)
     run, wanted, models = StepRunner(params.force), enabled_stages(cfg, params), {}
+    preflight(cfg, wanted)  # a no-op when the CLI already checked this config
+    report = None
 
     data = run(data_task, cfg)
     index = run.submit(rag_task, cfg, data) if "rag" in wanted else None
@@ -113,12 +116,15 @@ def pipeline(params: PipelineParams | None = None) -> RunSummary:
             evals = {m: run.collect(p) for m, p in pending.items()}
         table = metrics_table(evals)
         publish_table(table, cfg.name)
-        publish_report(cfg, run(report_task, cfg, evals, models, rag))
+        report_ref = run(report_task, cfg, evals, models, rag)
+        publish_report(cfg, report_ref)
+        report = str(ArtifactStore(cfg.store).local_path(report_ref) / "report.md")
         enforce_gates(cfg, table, models)  # a failed gate fails the run, naming it
     retrieval = retrieval_table(rag) if rag else []
     return RunSummary(
-        name=cfg.name, store=str(cfg.store), steps=run.steps, table=table, retrieval=retrieval
-    )
+        name=cfg.name, store=str(cfg.store), steps=run.steps, table=table, retrieval=retrieval,
+        report=report,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

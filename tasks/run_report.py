@@ -13,7 +13,7 @@ from typing import Any
 
 from tasks.config import RunConfig
 from tasks.gates import check_gates, describe
-from tasks.report import metrics_table, retrieval_table
+from tasks.report import metrics_table, retrieval_table, small_n_note
 from tasks.stage import BuildResult, StageSpec, get_logger, run_stage, stage_task
 from tasks.store import ArtifactRef, ArtifactStore
 
@@ -58,8 +58,12 @@ def render(
         "",
         _md_table(table),
     ]
+    if note := small_n_note(table):
+        parts += ["", note]
     if retrieval:
         parts += ["", "## Retrieval (held-out questions)", "", _md_table(retrieval)]
+        if note := small_n_note(retrieval):
+            parts += ["", note]
     if gates:
         parts += ["", "## Promotion gates", ""] + [f"- {describe(g)}" for g in gates]
     for plot in plots:
