@@ -182,7 +182,7 @@ def check_lengths(cfg: RunConfig, config: Any, wanted: set[str]) -> None:
             )
             shown = n - 1 if field.startswith("generation") else n
             raise ConfigError(
-                f"{where(cfg, field)}: {field} ({shown}) {what} the model's "
+                f"{where(cfg, field)} ({shown}) {what} the model's "
                 f"max_position_embeddings ({limit}) ({cfg.model.name_or_path})"
             )
 
