@@ -50,7 +50,12 @@ def show(renderable: Any, to: Console | None = None) -> None:
         to.print(renderable)
         return
     need = Measurement.get(to, to.options.update_width(100_000), renderable).maximum
-    to.print(renderable, width=max(need, to.width))
+    old = to.width
+    to.width = max(need, old)  # print(width=) is capped at the console's width
+    try:
+        to.print(renderable)
+    finally:
+        to.width = old
 
 
 class _OneLineUsageErrors(typer.core.TyperGroup):
@@ -109,11 +114,14 @@ def _user_errors() -> set[str]:
 
 
 def _quiet_prefect_tracebacks() -> None:
+    """Filter Prefect's console handlers (on the root logger and `prefect.*`), not the API
+    handlers: the Prefect UI keeps the failure's full log."""
     flt = _HideUserErrorTracebacks()
-    for name in ["prefect", *logging.root.manager.loggerDict]:
-        if name.startswith("prefect"):
+    for name in ["", *logging.root.manager.loggerDict]:
+        if name == "" or name.startswith("prefect"):
             for handler in logging.getLogger(name).handlers:
-                if isinstance(handler, logging.StreamHandler):  # the console, not the API
+                console_handler = isinstance(handler, logging.StreamHandler)
+                if console_handler and type(handler).__module__.startswith("prefect"):
                     handler.addFilter(flt)
 
 
