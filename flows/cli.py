@@ -39,6 +39,25 @@ console = Console()
 err = Console(stderr=True)
 
 
+def show(renderable: Any, to: Console | None = None) -> None:
+    """Print a table whole: on a terminal rich fits it to the window; piped (a log file, CI)
+    rich would cut it to 80 columns (`mod… per…`), so it gets the width it needs unless
+    COLUMNS says otherwise."""
+    from rich.measure import Measurement
+
+    to = to or console
+    if to.is_terminal or os.environ.get("COLUMNS"):
+        to.print(renderable)
+        return
+    need = Measurement.get(to, to.options.update_width(100_000), renderable).maximum
+    old = to.width
+    to.width = max(need, old)  # print(width=) is capped at the console's width
+    try:
+        to.print(renderable)
+    finally:
+        to.width = old
+
+
 class _OneLineUsageErrors(typer.core.TyperGroup):
     """Usage errors (unknown option or command, missing argument) as one `error:` line like
     every other user error, instead of typer's usage + help hint + boxed panel."""
@@ -74,20 +93,36 @@ def _split(values: list[str] | None) -> list[str]:
 
 
 class _HideUserErrorTracebacks(logging.Filter):
-    """Prefect logs task failures with tracebacks; for input errors the one line is enough."""
+    """Prefect logs a failed task/flow with a traceback, then twice more in "Finished in state
+    Failed(... DataError: <message>)" lines; for an input error the CLI's one `error:` line is
+    the whole story, so those records are dropped from the console (the API still gets them)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], FastTrackError):
-            record.exc_info, record.exc_text = None, None
-        return True
+            return False
+        text = record.getMessage()
+        return not any(f"{name}: " in text or f"{name}(" in text for name in _user_errors())
+
+
+def _user_errors() -> set[str]:
+    todo, names = [FastTrackError], set()
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return names
 
 
 def _quiet_prefect_tracebacks() -> None:
+    """Filter Prefect's console handlers (on the root logger and `prefect.*`), not the API
+    handlers: the Prefect UI keeps the failure's full log."""
     flt = _HideUserErrorTracebacks()
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("prefect"):
+    for name in ["", *logging.root.manager.loggerDict]:
+        if name == "" or name.startswith("prefect"):
             for handler in logging.getLogger(name).handlers:
-                handler.addFilter(flt)
+                console_handler = isinstance(handler, logging.StreamHandler)
+                if console_handler and type(handler).__module__.startswith("prefect"):
+                    handler.addFilter(flt)
 
 
 def _fail(exc: Exception) -> None:
@@ -111,7 +146,8 @@ def run(
     from fasttrack.core.config_loader import load_config
 
     try:
-        load_config(config, _split(set_))  # fail fast, before Prefect starts
+        cfg = load_config(config, _split(set_))  # fail fast, before Prefect starts
+        from fasttrack.lib.preflight import preflight
         from flows.pipeline import AVAILABLE, PipelineParams, check_params, pipeline
 
         params = PipelineParams(
@@ -121,6 +157,7 @@ def run(
             force=_split(force),
         )
         check_params(params)
+        preflight(cfg, params.stages)  # every input check that needs no data scan
     except FastTrackError as exc:
         _fail(exc)
     if not verbose:
@@ -141,11 +178,13 @@ def run(
     for s in summary.steps:
         colour = "green" if s.status == "cached" else "yellow"
         steps.add_row(s.step, s.key[:12], f"[{colour}]{s.status}[/]", f"{s.seconds:.1f}")
-    console.print(steps)
+    show(steps)
     if summary.table:
-        console.print(rich_table(summary.table))
+        show(rich_table(summary.table))
     if summary.retrieval:
-        console.print(rich_table(summary.retrieval, title="retrieval (held-out questions)"))
+        show(rich_table(summary.retrieval, title="retrieval (held-out questions)"))
+    if summary.report:
+        console.print(f"report: {summary.report}", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -157,14 +196,22 @@ def plan(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override KEY=VALUE")] = None,
 ) -> None:
     """Memory/compute plan of every training stage before any GPU time is spent."""
+    from fasttrack.core.config import STAGES
     from fasttrack.core.config_loader import load_config
+    from fasttrack.lib.device_info import detect_memory
     from fasttrack.lib.planner import parse_size, render_plan
     from fasttrack.lib.planner import plan as make_plan
+    from fasttrack.lib.preflight import preflight
 
     try:
         cfg = load_config(config, _split(set_))
-        mem = parse_size(gpu_mem) if gpu_mem else None
-        console.print(render_plan(make_plan(cfg, mem), mem))
+        preflight(cfg, STAGES)
+        if gpu_mem:
+            mem, device = parse_size(gpu_mem), "--gpu-mem"
+        else:
+            mem, device = detect_memory()
+        console.print(f"device: {device}", soft_wrap=True, highlight=False)
+        show(render_plan(make_plan(cfg, mem), mem))
     except ValueError as exc:
         _fail(FastTrackError(f"--gpu-mem {gpu_mem}: {exc}"))
     except FastTrackError as exc:
@@ -205,7 +252,7 @@ def ask(
         sources.add_column(col)
     for hit in result.hits:
         sources.add_row(str(hit.rank), hit.title, hit.section or "", f"{hit.score:.3f}")
-    console.print(sources)
+    show(sources)
 
 
 @app.command()
@@ -253,7 +300,7 @@ def zombies() -> None:
 def rich_table(rows: list[dict], title: str = "evaluation (held-out data)") -> Table:
     table = Table(title=title)
     for col in rows[0]:
-        left = col in ("model", "eval_key", "retrieval")
+        left = col in ("model", "eval_key", "retrieval", "small_n")
         table.add_column(col, justify="left" if left else "right")
     for row in rows:
         table.add_row(*(_fmt(v) for v in row.values()))
@@ -307,7 +354,7 @@ def list_artifacts(
     for b in broken:  # never hidden: `fasttrack verify` names and quarantines them
         what = "[red]SYMLINK (refused)[/]" if b.symlink else "[red]CORRUPT[/]"
         table.add_row(b.stage, b.key[:12], "-", "-", f"{what} {escape(b.problem)}")
-    console.print(table)
+    show(table)
 
 
 def _human(n: float) -> str:

@@ -15,9 +15,10 @@ from fasttrack.core.compute import eval_runner
 from fasttrack.core.config import STAGES, RunConfig
 from fasttrack.core.config_loader import load_config
 from fasttrack.core.errors import ConfigError
-from fasttrack.core.store import ArtifactRef
+from fasttrack.core.store import ArtifactRef, ArtifactStore
 from fasttrack.lib.chain import MODEL_CHAIN, MODEL_ORDER, run_models, walk
 from fasttrack.lib.gates import enforce_gates
+from fasttrack.lib.preflight import preflight
 from fasttrack.lib.tables import metrics_table, publish_table, retrieval_table
 from flows.runner import RunSummary, StepRunner
 from tasks.base import base_task
@@ -81,6 +82,8 @@ def pipeline(params: PipelineParams | None = None) -> RunSummary:
     check_params(params)
     cfg = load_config(params.config, params.overrides)
     run, wanted, models = StepRunner(params.force), enabled_stages(cfg, params), {}
+    preflight(cfg, wanted)  # a no-op when the CLI already checked this config
+    report = None
 
     data = run(data_task, cfg)
     index = run.submit(rag_task, cfg, data) if "rag" in wanted else None
@@ -104,12 +107,15 @@ def pipeline(params: PipelineParams | None = None) -> RunSummary:
             evals = {m: run.collect(p) for m, p in pending.items()}
         table = metrics_table(evals)
         publish_table(table, cfg.name)
-        publish_report(cfg, run(report_task, cfg, evals, models, rag))
+        report_ref = run(report_task, cfg, evals, models, rag)
+        publish_report(cfg, report_ref)
+        report = str(ArtifactStore(cfg.store).local_path(report_ref) / "report.md")
         enforce_gates(cfg, table, models)  # a failed gate fails the run, naming it
     retrieval = retrieval_table(rag) if rag else []
     return RunSummary(
-        name=cfg.name, store=str(cfg.store), steps=run.steps, table=table, retrieval=retrieval
-    )
+        name=cfg.name, store=str(cfg.store), steps=run.steps, table=table, retrieval=retrieval,
+        report=report,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

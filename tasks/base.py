@@ -40,6 +40,8 @@ def base_spec(cfg: RunConfig, data: ArtifactRef | None = None) -> StageSpec:
         "chat_template": m.chat_template,
         "trust_remote_code": m.trust_remote_code,
     }
+    if m.resize_embeddings:  # only when set, so the keys of existing runs stay as they were
+        config["resize_embeddings"] = True
     if name == "scratch":
         if data is None:
             raise ModelError("model.name_or_path: scratch needs the data stage (a corpus)")
@@ -58,10 +60,18 @@ def base_spec(cfg: RunConfig, data: ArtifactRef | None = None) -> StageSpec:
 def build_base(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     m = cfg.model
     if m.name_or_path != "scratch":
-        (out / POINTER).write_text(json.dumps({**spec.config, **spec.inputs}, indent=2))
         model, tok = load_pretrained(cfg, m.name_or_path, m.revision, m.chat_template)
+        rows = model.get_input_embeddings().num_embeddings
+        if m.resize_embeddings and len(tok) > rows:
+            # a real model dir, not a pointer: every later stage loads the grown matrix
+            model.resize_token_embeddings(len(tok))
+            model.save_pretrained(out)
+            tok.save_pretrained(out)
+        else:
+            (out / POINTER).write_text(json.dumps({**spec.config, **spec.inputs}, indent=2))
         n_params = sum(p.numel() for p in model.parameters())
-        return BuildResult(metrics={"parameters": n_params, "vocab_size": len(tok)})
+        metrics = {"parameters": n_params, "vocab_size": len(tok)}
+        return BuildResult(metrics=metrics | ({"resized_from": rows} if len(tok) > rows else {}))
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fasttrack.lib.datasets import read_split

@@ -31,7 +31,20 @@ from fasttrack.lib.datasets import SPLITS
 from fasttrack.lib.hub import hf_token
 from fasttrack.lib.sources import content_hash, load_source
 
-STAGE = Stage("data", "1", retries=1, retry_delay_seconds=2)
+STAGE = Stage("data", "2", retries=1, retry_delay_seconds=2)  # 2: one schema per kind
+_STR = pa.string()
+_META = [pa.field("source", _STR), pa.field("id", _STR)]
+# Why explicit: `pa.Table.from_pylist` takes its columns from the first row, so `source`/`id`
+# vanished from a split whose first row came from a file without them.
+SCHEMAS = {
+    "corpus": pa.schema([pa.field("text", _STR), pa.field("title", _STR), *_META]),
+    "sft": pa.schema(
+        [pa.field("messages", pa.list_(pa.struct([("role", _STR), ("content", _STR)]))), *_META]
+    ),
+    "preference": pa.schema(
+        [pa.field("prompt", _STR), pa.field("chosen", _STR), pa.field("rejected", _STR), *_META]
+    ),
+}
 
 
 def text_of(kind: str) -> Callable[[dict], str]:
@@ -119,7 +132,8 @@ def build_data(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         )
         (out / kind).mkdir()
         for name in SPLITS:
-            pq.write_table(pa.Table.from_pylist(parts[name]), out / kind / f"{name}.parquet")
+            table = pa.Table.from_pylist(parts[name], schema=SCHEMAS[kind])
+            pq.write_table(table, out / kind / f"{name}.parquet")
             metrics[f"{kind}.{name}_rows"] = len(parts[name])
         stats_out[kind] = {**stats.as_dict(), **{f"{s}_rows": len(parts[s]) for s in SPLITS}}
         metrics[f"{kind}.dropped"] = stats.loaded - stats.kept

@@ -25,7 +25,7 @@ from fasttrack.lib.perplexity import strided_perplexity
 from fasttrack.lib.scoring import completion_loss, preference_accuracy
 from fasttrack.lib.textmetrics import bleu, rouge
 
-STAGE = Stage("evaluate", "1")
+STAGE = Stage("evaluate", "2")  # 2: row counts of each metric (small samples are flagged)
 
 
 def eval_spec(
@@ -69,10 +69,12 @@ def answer_metrics(cfg: RunConfig, store: ArtifactStore, data: ArtifactRef, mode
             prompts, answers = zip(*pairs, strict=True)
             loss = completion_loss(model, tok, list(prompts), list(answers), a.max_length)
             out["sft_loss"] = round(loss, 5)
+            out["sft_loss_rows"] = len(pairs)
     if has_kind(store, data, "preference"):
         rows = read_split(store, data, "preference", a.split)[: a.max_rows]
         if rows:
             out |= preference_accuracy(model, tok, rows, a.max_length)
+            out["pref_rows"] = len(rows)
     return out
 
 
@@ -101,7 +103,7 @@ def generation_metrics(
         for p, r, g in zip(prompts, refs, preds, strict=True):
             f.write(json.dumps({"prompt": p, "reference": r, "prediction": g}) + "\n")
     scores = rouge(preds, refs) | {"bleu": bleu(preds, refs)["bleu"]}
-    return {k: round(v, 6) for k, v in scores.items()}
+    return {k: round(v, 6) for k, v in scores.items()} | {"generation_rows": len(pairs)}
 
 
 def _last(row: dict, role: str) -> str:

@@ -25,6 +25,7 @@ from fasttrack.core.log import get_logger
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore, canonical_json, sha256_file
 from fasttrack.lib.datasets import SPLITS, read_split
+from fasttrack.lib.rag_eval import eval_set_hash, load_eval_set
 from fasttrack.lib.retrieval import (
     BM25_DIR,
     CHUNKS_FILE,
@@ -81,7 +82,10 @@ def rag_spec(cfg: RunConfig, data: ArtifactRef | None = None) -> StageSpec:
         raise DataError(
             "rag: nothing to index: run the data stage (its corpus) or set rag.documents"
         )
-    config = rag.model_dump(mode="json", exclude=_QUERY_ONLY)
+    if rag.eval is not None:  # the user's eval set: its bytes are part of the key
+        inputs["eval_set"] = eval_set_hash(rag.eval)
+    exclude = _QUERY_ONLY | ({"eval"} if rag.eval is None else set())  # keys stay as they were
+    config = rag.model_dump(mode="json", exclude=exclude)
     upstream = {"data": data} if data is not None else {}
     return STAGE.spec(config, upstream=upstream, inputs=inputs)
 
@@ -215,7 +219,8 @@ def evaluate_retrieval(
     retriever: Retriever, questions: list[tuple[str, str]], ks: list[int]
 ) -> tuple[dict[str, float], int]:
     """(`<mode>.recall@<k>` and `<mode>.mrr` on document level, ranking depth). A document is
-    ranked by its best chunk; a hit is a document whose title is the question's source."""
+    ranked by its best chunk; a hit is a document whose title or id (a path under
+    rag.documents, or the row's `id`) is the question's source."""
     ks = sorted(set(ks))
     depth = min(len(retriever), max(100, 10 * max(ks)))
     if not questions:
@@ -232,7 +237,7 @@ def evaluate_retrieval(
                 if doc_of[chunk_id] in seen:
                     continue
                 seen.add(doc_of[chunk_id])
-                if title_of[chunk_id] == source:
+                if source in (title_of[chunk_id], doc_of[chunk_id]):
                     rank = len(seen)
                     break
             ranks.append(rank)
@@ -285,7 +290,12 @@ def build_rag(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     build_bm25([c.passage for c in chunks]).save(str(out / BM25_DIR), show_progress=False)
 
     retriever = Retriever(rag, out, embedder)  # reloads what was written: the query path
-    questions = eval_questions(store, data, {d.title for d in docs})
+    if rag.eval is not None:
+        questions = load_eval_set(rag.eval, cfg.data.encoding)
+        asked = f"rows of rag.eval ({rag.eval.path})"
+    else:
+        questions = eval_questions(store, data, {d.title for d in docs})
+        asked = f"user turn of sft {'+'.join(EVAL_SPLITS)} rows whose source is indexed"
     scores, depth = evaluate_retrieval(retriever, questions, rag.eval_ks)
     metrics: dict[str, Any] = {
         "documents": len(docs),
@@ -297,8 +307,8 @@ def build_rag(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         **scores,
     }
     protocol = {
-        "questions": f"user turn of sft {'+'.join(EVAL_SPLITS)} rows whose source is indexed",
-        "hit": "a retrieved chunk whose document title == the row's source",
+        "questions": asked,
+        "hit": "a retrieved chunk whose document title, path or id == the expected source",
         "ranking": "documents ranked by their best chunk",
         "depth": depth,
         "rrf_k": rag.rrf_k,

@@ -16,7 +16,7 @@ from fasttrack.core.log import get_logger
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
 from fasttrack.lib.gates import check_gates, describe
-from fasttrack.lib.tables import metrics_table, retrieval_table
+from fasttrack.lib.tables import metrics_table, retrieval_table, small_n_note
 
 STAGE = Stage("report", "1")
 REPORT_KEY = "fasttrack-report"
@@ -59,8 +59,12 @@ def render(
         "",
         _md_table(table),
     ]
+    if note := small_n_note(table):
+        parts += ["", note]
     if retrieval:
         parts += ["", "## Retrieval (held-out questions)", "", _md_table(retrieval)]
+        if note := small_n_note(retrieval):
+            parts += ["", note]
     if gates:
         parts += ["", "## Promotion gates", ""] + [f"- {describe(g)}" for g in gates]
     for plot in plots:

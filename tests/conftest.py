@@ -103,15 +103,12 @@ def tiny_cfg(tiny_cfg_path: Path) -> RunConfig:
     return load_config(tiny_cfg_path)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny local model dir (safetensors, tokenizer, chat template), as a user would point
-    `model.name_or_path` at; tests copy it before breaking it."""
+def make_tiny_model(path: Path) -> Path:
+    """Write a tiny local model dir (safetensors, tokenizer, chat template) to `path`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fasttrack.lib.models import CHAT_TEMPLATE, build_tokenizer
 
-    path = tmp_path_factory.mktemp("model") / "tiny"
     tok = build_tokenizer(["one two three four five six"] * 20, 300, 1, CHAT_TEMPLATE)
     model = LlamaForCausalLM(
         LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
@@ -121,6 +118,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny local model dir, as a user would point `model.name_or_path` at; tests copy it
+    before breaking it."""
+    return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture(scope="session")

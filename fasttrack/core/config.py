@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from fasttrack.core.compute import ComputeConfig
 from fasttrack.core.store_remote import check_url
@@ -137,6 +137,11 @@ class ModelConfig(Section):
         "load; default: safetensors only.",
     )
     chat_template: str | None = Field(None, description="Jinja chat template override.")
+    resize_embeddings: bool = Field(
+        False,
+        description="Grow the embedding matrix to the tokenizer's size when the tokenizer is "
+        "larger (default: that is an error, found before any stage runs).",
+    )
     tokenizer: TokenizerConfig = TokenizerConfig()
     architecture: ArchitectureConfig = ArchitectureConfig()
 
@@ -235,6 +240,19 @@ class ChunkConfig(Section):
         return self
 
 
+class RetrievalEvalConfig(Section):
+    """The user's own retrieval eval set: one question per row and the source that answers it
+    (a document title, its path under rag.documents, or its `id`). See README, "rag.eval"."""
+
+    path: str = Field(description="A .jsonl/.json/.csv/.tsv/.parquet file (relative: config dir).")
+    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet"] = Field(
+        "auto", description="File format; auto: from the suffix."
+    )
+    columns: dict[Literal["question", "expected"], str] = Field(
+        default_factory=dict, description="`question`/`expected` -> column name in the file."
+    )
+
+
 class RagConfig(Section):
     enabled: bool = True
     embedder: str = Field(
@@ -258,6 +276,11 @@ class RagConfig(Section):
         10, gt=0, description="Reciprocal-rank-fusion constant; 60 let dense outvote a BM25 #1."
     )
     eval_ks: list[int] = [1, 5, 10]
+    eval: RetrievalEvalConfig | None = Field(
+        None,
+        description="Your own retrieval eval set (default: held-out SFT rows whose "
+        "`source` is an indexed document's title).",
+    )
 
 
 class GenerationConfig(Section):
@@ -367,6 +390,7 @@ class RunConfig(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     generation: GenerationConfig = GenerationConfig()
     compute: ComputeConfig = ComputeConfig()
+    _source: str | None = PrivateAttr(None)  # the config file, for `file:line` in errors
 
     @model_validator(mode="after")
     def _adapter_from_sft(self) -> RunConfig:

@@ -51,10 +51,55 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         loc = apply_override(raw, item)
         origin[loc] = f"{path}: --set {item}"
+    resolve_paths(raw, path.resolve().parent)
     try:
-        return RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path, origin)) from None
+    cfg._source = str(path)
+    return cfg
+
+
+def resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make the input paths of a config absolute, relative to the config file's folder `base`
+    (so a config means the same files from any working directory): source paths, a local
+    model dir, rag.documents, rag.eval.path. URLs (`hf://`, `s3://`), `demo:` names and hub
+    ids are left alone; a model name is a path when it starts with `.`, `/` or `~`, or when
+    it exists beside the config. `store` stays relative to the working directory, like every
+    command's `--store`."""
+
+    def fix(section: Any, key: str, model: bool = False) -> None:
+        value = section.get(key) if isinstance(section, dict) else None
+        if not isinstance(value, str) or not value or ":" in value.split("/")[0]:
+            return  # unset, a URL/`demo:` name, or a Windows drive
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            return
+        explicit = value.startswith((".", "~"))
+        if model and not explicit and not (base / path).exists():
+            return  # a hub id such as owner/name
+        section[key] = str((base / path).resolve()) + ("/" if value.endswith("/") else "")
+
+    data = raw.get("data")
+    for src in data.get("sources", []) if isinstance(data, dict) else []:
+        fix(src, "path")
+    fix(raw.get("model"), "name_or_path", model=True)
+    rag = raw.get("rag")
+    fix(rag, "documents")
+    fix(rag.get("eval") if isinstance(rag, dict) else None, "path")
+
+
+def field_line(path: Path, field: str) -> int | None:
+    """1-based line of a dotted field (`sft.max_length`, `data.sources.0.path`) in a config
+    file, or of its nearest enclosing section; None when the file does not set it."""
+    try:
+        lines = _line_index(
+            yaml.compose(path.read_text(encoding="utf-8")), path, budget=[MAX_NODES]
+        )
+    except (OSError, yaml.YAMLError, ConfigError, UnicodeDecodeError):
+        return None
+    loc = tuple(field.split("."))
+    return next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> tuple[str, ...]:

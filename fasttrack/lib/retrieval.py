@@ -33,7 +33,7 @@ _SNAP_TOKENS = 16  # how far a cut may move back to land between words
 
 _ATX = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)[ \t#]*$")
 _SETEXT = re.compile(r"^ {0,3}(={3,}|-{3,}|\*{3,}|~{3,})[ \t]*$")
-_FENCE = re.compile(r"^ {0,3}(```|~~~)")
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
 
 
 @dataclass(frozen=True)
@@ -70,18 +70,26 @@ class Chunk:
 # ---- chunking ------------------------------------------------------------------------------
 def headings(text: str) -> list[tuple[int, str]]:
     """(char offset of the line, heading text) of ATX (`# x`) and setext (`x` over `===`)
-    headings, ignoring fenced code blocks (a `# comment` in code is not a heading)."""
+    headings, ignoring fenced code blocks (a `# comment` in code is not a heading). Fences
+    follow CommonMark: a ```` fence is not closed by ```, nor ``` by ~~~; a fence left open
+    ends with its document (each document is parsed on its own)."""
     out: list[tuple[int, str]] = []
     lines = text.splitlines(keepends=True)
     starts = [0]
     for line in lines:
         starts.append(starts[-1] + len(line))
-    fenced = False
+    fence = ""  # the open fence (CommonMark: closed only by the same char, at least as long)
     for i, raw in enumerate(lines):
         line = raw.rstrip("\r\n")
-        if _FENCE.match(line):
-            fenced = not fenced
-        elif fenced or not line.strip():
+        if f := _FENCE.match(line):
+            marks, rest = f.groups()
+            if not fence and not (marks[0] == "`" and "`" in rest):
+                fence = marks
+                continue
+            if fence and marks[0] == fence[0] and len(marks) >= len(fence) and not rest.strip():
+                fence = ""
+                continue
+        if fence or not line.strip():
             continue
         elif m := _ATX.match(line):
             out.append((starts[i], m.group(1).strip()))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -181,19 +180,30 @@ def _read_json(path: Path, encoding: str) -> Iterator[tuple[str, Row]]:
 
 
 def _read_csv(path: Path, encoding: str, sep: str) -> Iterator[tuple[str, Row]]:
-    import pandas as pd
+    """Rows by header name, `file:line` of each. A row with more *or fewer* fields than the
+    header is an error (pandas pads short rows with empty fields, which then were dropped
+    silently by cleaning as if the user had left them empty)."""
+    import csv
 
-    try:
-        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding=encoding)
-    except pd.errors.ParserError as exc:
-        msg = str(exc).strip().removeprefix("Error tokenizing data. C error: ")
-        line = re.search(r"\bline (\d+)", msg)
-        where = f"{path}:{line[1]}" if line else str(path)
-        raise DataError(f"{where}: malformed {path.suffix[1:].upper()}: {msg}") from None
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: file is empty") from None
-    for i, row in enumerate(frame.to_dict(orient="records")):
-        yield f"{path}:{i + 2}", row  # line numbers: 1 is the header
+    kind = path.suffix[1:].upper()
+    with open(path, encoding=_bom_ok(encoding), newline="") as f:
+        reader = csv.reader(f, delimiter=sep)
+        try:
+            header = next(reader, None)
+            if header is None or not any(h.strip() for h in header):
+                raise DataError(f"{path}: file is empty")
+            start = reader.line_num + 1
+            for fields in reader:
+                if fields and len(fields) != len(header):
+                    raise DataError(
+                        f"{path}:{start}: malformed {kind}: Expected {len(header)} fields in "
+                        f"line {start}, saw {len(fields)}"
+                    )
+                if fields:
+                    yield f"{path}:{start}", dict(zip(header, fields, strict=True))
+                start = reader.line_num + 1
+        except csv.Error as exc:
+            raise DataError(f"{path}:{reader.line_num}: malformed {kind}: {exc}") from None
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, Row]]:

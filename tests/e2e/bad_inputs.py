@@ -83,18 +83,56 @@ def data_case(name: str, content: str | bytes, fmt: str = "text"):
     return source_case(lambda ctx: _file(ctx, name, content), fmt)
 
 
-def model_case(change: Callable[[Path], Any], **model: Any):
-    """A pretrain run whose base model is a copy of the good tiny model, changed by `change`."""
+def model_case(
+    change: Callable[[Path], Any], stages: str = "pretrain", extra: dict | None = None, **model: Any
+):
+    """A run of `stages` whose base model is a copy of the good tiny model, changed by `change`
+    (None: no copy, a path that does not exist)."""
 
     def make(ctx: Ctx) -> tuple[list[str], Path]:
         path = ctx.tmp / "model"
-        shutil.copytree(ctx.model, path)
-        change(path)
+        if change is not None:
+            shutil.copytree(ctx.model, path)
+            change(path)
         data = {"sources": [{"path": "demo:pydoc_topics", "format": "text", "max_rows": 30}]}
-        sections = {"model": {"name_or_path": str(path), **model}, "data": data}
-        return _run(ctx, "--stages", "pretrain", **sections), path
+        sections = {"model": {"name_or_path": str(path), **model}, "data": data, **(extra or {})}
+        return _run(ctx, "--stages", stages, **sections), path
 
     return make
+
+
+def _shrink_embeddings(path: Path) -> None:
+    """A checkpoint whose embedding matrix has fewer rows than its tokenizer has tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    model.resize_token_embeddings(len(AutoTokenizer.from_pretrained(path)) - 8)
+    model.save_pretrained(path)
+
+
+def _no_template(path: Path) -> None:
+    import json
+
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def _relative_source(ctx: Ctx) -> tuple[list[str], Path]:
+    """A relative source path resolves beside the config, not in the working directory."""
+    sources = [{"path": "missing.jsonl", "format": "text"}]
+    return _run(ctx, "--stages", "data", data={"sources": sources}), ctx.tmp / "missing.jsonl"
+
+
+def _rag_eval_case(ctx: Ctx) -> tuple[list[str], Path]:
+    path = _file(ctx, "questions.jsonl", '{"question": "where is open?"}\n')
+    return _run(ctx, "--stages", "rag", rag={"eval": {"path": str(path)}}), path
+
+
+def _config_path(ctx: Ctx, stages: str, **sections: Any) -> tuple[list[str], Path]:
+    args = _run(ctx, "--stages", stages, **sections)
+    return args, ctx.tmp / "run.yaml"
 
 
 def _pickle_only(path: Path) -> None:
@@ -240,7 +278,12 @@ CASES: list[Case] = [
     # --- data files (found by the data stage, inside the flow) ------------------------------
     Case("data-missing-file", "data", "source file does not exist",
          source_case(lambda c: c.tmp / "nope.jsonl"),
-         "<file>: source file not found (resolved to <file>)", "data"),
+         "…: data.sources.0.path: <file>: source file not found (relative paths resolve "
+         "against the config file's folder)", "data"),
+    Case("data-relative-missing", "data", "relative source path, not beside the config file",
+         _relative_source,
+         "…: data.sources.0.path: <file>: source file not found (relative paths resolve "
+         "against the config file's folder)", "data"),
     Case("data-unknown-demo", "data", "unknown `demo:` source",
          source_case(lambda c: "demo:nope"),
          "<file>: no such demo source (available: …)", "data"),
@@ -268,6 +311,9 @@ CASES: list[Case] = [
     Case("data-csv-ragged", "data", "CSV row with an extra field",
          data_case("r.csv", "text,title\na b c,t\nd e f,t,extra\n"),
          "<file>:3: malformed CSV: Expected 2 fields in line 3, saw 3", "data"),
+    Case("data-csv-short-row", "data", "CSV row with a missing field",
+         data_case("short.csv", "text,title\nhello there,t\nworld\n"),
+         "<file>:3: malformed CSV: Expected 2 fields in line 3, saw 1", "data"),
     Case("data-missing-column", "data", "column of the declared format missing",
          data_case("m.jsonl", '{"question": "q", "answer": "a"}\n', "alpaca"),
          "<file>:1: missing column 'instruction' for format alpaca; columns are: question, "
@@ -286,6 +332,10 @@ CASES: list[Case] = [
     Case("data-empty-after-cleaning", "data", "every row shorter than clean.min_chars",
          data_case("s.jsonl", '{"text": "   "}\n{"text": "\\t"}\n'),
          "data: the corpus dataset is empty after cleaning: …", "data"),
+    Case("rag-eval-missing-column", "data", "`rag.eval` file without the expected column",
+         _rag_eval_case,
+         "<file>:1: missing column 'expected' (rag.eval.columns.expected); columns are: "
+         "question", "rag"),
     Case("secret-block-missing", "data", "`hf_token_secret` names no Prefect Secret block",
          lambda c: (_run(c, "--stages", "data", hf_token_secret="no-such-block"), ""),
          "hf_token_secret: no Prefect Secret block named 'no-such-block' (…)", "data"),
@@ -313,6 +363,27 @@ CASES: list[Case] = [
          model_case(remote_code),
          "model.name_or_path: cannot load '<file>': it ships its own Python code; set "
          "model.trust_remote_code: true if you trust it", "base"),
+    Case("model-dir-missing", "model", "model path that does not exist",
+         model_case(None),
+         "…: model.name_or_path: <file>: no such model directory (relative paths resolve "
+         "against the config file's folder)", "base"),
+    Case("model-vocab-too-large", "model", "tokenizer larger than the embedding matrix",
+         model_case(_shrink_embeddings),
+         "…: model.name_or_path: <file>: the tokenizer has <n> tokens but the embedding matrix "
+         "only <n> rows; set model.resize_embeddings: true to grow it (…)", "base"),
+    Case("model-no-template", "model", "no chat template, and SFT will run",
+         model_case(_no_template, "sft"),
+         "…: model.chat_template: the tokenizer of <file> has no chat template and sft/dpo "
+         "will run: set model.chat_template (a Jinja template), or use a chat/instruct model",
+         "base"),
+    Case("model-lora-target-missing", "model", "`sft.lora.target_modules` names no module",
+         model_case(lambda p: None, "sft", {"sft": {"lora": {"target_modules": ["c_attn"]}}}),
+         "…: sft.lora.target_modules: c_attn name no Linear module of the model; its Linear "
+         "modules are: …", "base"),
+    Case("length-past-positions", "config", "sft.max_length past the model's positions",
+         lambda c: _config_path(c, "sft", sft={"max_length": 256}),
+         "<file>:<n>: sft.max_length (256) is larger than the model's max_position_embeddings "
+         "(128) (scratch)", "data"),
 ]  # fmt: skip
 
 

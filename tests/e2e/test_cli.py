@@ -79,6 +79,9 @@ def test_bad_data_fails_the_run_with_one_line_and_no_artifact(tmp_path: Path) ->
             env=env | {"PREFECT_HOME": str(tmp_path / "ph")}, timeout=300,
         )  # fmt: skip
         _check(proc.returncode, proc.stderr, proc.stdout + proc.stderr, expected, args)
+        # the one line only: Prefect's "Finished in state Failed(... DataError: ...)" lines
+        # and the task/flow exception records used to repeat it
+        assert (proc.stdout + proc.stderr).count(expected) == 1, proc.stdout + proc.stderr
     assert ArtifactStore(tmp_path / "store").manifests() == []
 
 
@@ -91,3 +94,28 @@ def test_run_and_ls(tmp_path: Path) -> None:
     assert (
         result.exit_code == 0 and "data" in result.stdout and "corpus.train_rows" in result.stdout
     )
+
+
+def test_plan_has_a_device_verdict_and_full_columns_when_piped(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "store"))
+    result = runner.invoke(app, ["plan", str(cfg)], env={"COLUMNS": ""})
+    assert result.exit_code == 0, result.output
+    assert "device: CUDA" in result.stdout or "device: CPU, system RAM" in result.stdout
+    assert "…" not in result.stdout  # rich cut every column to 80 characters in all
+    assert "tokens/param" in result.stdout and "Chinchilla" in result.stdout
+    assert result.stdout.count("fits (") == 3, result.stdout  # pretrain, sft, dpo
+
+
+def test_run_prints_report_path_and_flags_small_samples(tmp_path: Path) -> None:
+    """`run` says where the report is; metrics on < 30 rows are flagged in table and report."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_config_dict(tmp_path / "store"))
+    args = ["run", str(cfg), "--stages", "data,evaluate", "--set", "rag.enabled=false",
+            "--set", "evaluate.generation_rows=0"]  # fmt: skip
+    result = runner.invoke(app, args, env={"COLUMNS": ""})
+    assert result.exit_code == 0, result.output
+    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("report: "))
+    report = Path(line.removeprefix("report: "))
+    assert report.name == "report.md" and report.is_file()
+    assert "sft_loss n=" in result.stdout and "pref_accuracy n=" in result.stdout
+    text = report.read_text()
+    assert "small_n" in text and "fewer than 30 rows" in text

@@ -113,3 +113,32 @@ def test_key_follows_source_content(tmp_path: Path) -> None:
     first = data_spec(loaded).key
     path.write_text('{"text": "' + "y " * 50 + '"}\n')
     assert data_spec(loaded).key != first
+
+
+def test_source_and_id_columns_survive_mixing(tmp_path: Path) -> None:
+    """`from_pylist` took columns from the first row: a split starting with a row of the file
+    without `source`/`id` lost them for every row. One schema per kind keeps them."""
+    plain, tagged = tmp_path / "plain.jsonl", tmp_path / "tagged.jsonl"
+    plain.write_text("".join(json.dumps({"text": f"plain doc number {i} " * 3}) + "\n"
+                             for i in range(20)))  # fmt: skip
+    tagged.write_text("".join(
+        json.dumps({"text": f"tagged doc number {i} " * 3, "source": f"s{i}", "id": f"d{i}"})
+        + "\n" for i in range(20)
+    ))  # fmt: skip
+    sources = [{"path": str(plain), "format": "text"}, {"path": str(tagged), "format": "text"}]
+    cfg = load_config(write_config(
+        tmp_path / "c.yaml",
+        tiny_config_dict(tmp_path / "s", data={"sources": sources, "split": {"seed": 3}}),
+    ))  # fmt: skip
+    ref = prepare_data(cfg)
+    store, seen = ArtifactStore(cfg.store), {}
+    for split in ("train", "validation", "test"):
+        table = pq.read_table(Path(ref.uri) / "corpus" / f"{split}.parquet")
+        assert {"text", "title", "source", "id"} <= set(table.column_names), split
+        for row in table.to_pylist():
+            if row["text"].startswith("tagged"):
+                seen[row["id"]] = row["source"]
+            else:
+                assert row["source"] is None and row["id"] is None
+    assert seen == {f"d{i}": f"s{i}" for i in range(20)}
+    assert read_split(store, ref, "corpus", "train")

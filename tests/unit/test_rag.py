@@ -287,3 +287,43 @@ def test_demo_hybrid_recall_is_at_least_dense_and_bm25(tmp_path: Path) -> None:
     for k in (5, 10):  # recall@1 is printed, not asserted: BM25 wins it on these questions
         assert m[f"hybrid.recall@{k}"] >= max(m[f"dense.recall@{k}"], m[f"bm25.recall@{k}"])
     assert m["dense.recall@10"] >= 0.8 and m["bm25.recall@10"] >= 0.8
+
+
+def test_fences_follow_commonmark_and_end_with_their_document() -> None:
+    """A ```` fence holding ``` lines, or ``` holding ~~~, used to flip the fenced state: code
+    comments became headings and every later section was mislabelled."""
+    doc = (
+        "# Intro\n\n````markdown\n```python\n# not a heading\n```\n````\n\n"
+        "## Usage\n\n```\n~~~\n# still code\n```\n\n## Options\n"
+    )
+    assert [t for _, t in headings(doc)] == ["Intro", "Usage", "Options"]
+    unbalanced = "# First\n\n```\nnever closed\n# code\n"
+    assert [t for _, t in headings(unbalanced)] == ["First"]
+    assert [t for _, t in headings("# Next doc\n\ntext\n")] == ["Next doc"]
+
+
+def test_users_retrieval_eval_set_is_scored_per_mode(tmp_path: Path) -> None:
+    """`rag.eval`: the user's questions + expected source (title, path under rag.documents or
+    id), own column names; recall@k and MRR per mode in the manifest and the run table."""
+    from fasttrack.lib.tables import retrieval_table
+
+    docs = _write_docs(tmp_path / "docs", DOCS)
+    rows = [(QUERIES[t], t) for t in ("photosynthesis", "chess", "tcp", "sourdough")]
+    rows += [(QUERIES["volcano"], "volcano.md"), ("what is a quasar", "astronomy")]
+    lines = ["q,doc"] + [f'"{q}",{d}' for q, d in rows]
+    (tmp_path / "eval.csv").write_text("\n".join(lines) + "\n")
+    ev = {"path": str(tmp_path / "eval.csv"), "columns": {"question": "q", "expected": "doc"}}
+    cfg = _cfg(tmp_path, documents=str(docs), index="flat", eval=ev)
+    ref = build_index(cfg)
+    assert ref.metrics["eval_questions"] == 6
+    for mode in MODES:  # 5 of 6 answerable, each found first; the quasar is in no document
+        assert ref.metrics[f"{mode}.recall@1"] == ref.metrics[f"{mode}.recall@5"] == 0.8333
+        assert ref.metrics[f"{mode}.mrr"] == 0.8333
+    table = retrieval_table(ref)
+    assert [r["retrieval"] for r in table] == list(MODES)
+    assert all(r["questions"] == 6 and r["small_n"] == "n=6" for r in table)
+    manifest = ArtifactStore(cfg.store).read_manifest("rag", ref.key)
+    assert manifest["metrics"]["hybrid.recall@10"] == 0.8333
+    (tmp_path / "eval.csv").write_text("q,doc\nonly a question\n")
+    with pytest.raises(DataError, match=r"eval\.csv:2: malformed CSV"):
+        build_index(_cfg(tmp_path, documents=str(docs), index="flat", eval=ev))

@@ -213,3 +213,15 @@ def test_content_hash_tracks_bytes(tmp_path: Path) -> None:
     _jsonl(path, [{"text": "b"}])
     assert content_hash(src(path, "text")) != first
     assert content_hash(src("hf://owner/name:train", "text")) == "hf:owner/name:None:train"
+
+
+def test_short_csv_row_is_an_error_not_a_dropped_row(tmp_path: Path) -> None:
+    path = tmp_path / "a.csv"
+    path.write_text('prompt,completion\nQ,A\n"multi\nline Q",A\nQ only\n')
+    with pytest.raises(
+        DataError, match=rf"{path}:5: malformed CSV: Expected 2 fields in line 5, saw 1"
+    ):
+        load_source(src(path, "prompt_completion"))
+    path.write_text('prompt,completion\n"multi\nline Q",A\n\nQ,"A"\n')
+    _, rows = load_source(src(path, "prompt_completion"))
+    assert [r["messages"][0]["content"] for r in rows] == ["multi\nline Q", "Q"]
