@@ -129,9 +129,25 @@ class ModelConfig(Section):
         description="Also load pickle checkpoints (pytorch_model.bin), which can run code on "
         "load; default: safetensors only.",
     )
-    chat_template: str | None = Field(None, description="Jinja chat template override.")
+    chat_template: str | None = Field(
+        None,
+        description="Chat template: chatml, llama3, gemma, phi3, mistral, alpaca, a Jinja string "
+        "or a .jinja file; unset: the model's own, else ChatML ending turns with its EOS.",
+    )
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="dtype of the models pretrain and the SFT merge write; auto: the base's.",
+    )
     tokenizer: TokenizerConfig = TokenizerConfig()
     architecture: ArchitectureConfig = ArchitectureConfig()
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_resolves(cls, value: str | None) -> str | None:
+        from tasks.templates import resolve
+
+        resolve(value)  # a ValueError names the field
+        return value
 
 
 class TrainingConfig(Section):

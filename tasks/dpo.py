@@ -16,7 +16,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.adapters import load_for_training, trainable_snapshot, unchanged_tensors
+from tasks.adapters import (
+    base_lineage,
+    load_for_training,
+    trainable_snapshot,
+    unchanged_tensors,
+)
 from tasks.config import RunConfig
 from tasks.data import read_split
 from tasks.errors import ModelError, StoreError
@@ -203,6 +208,7 @@ def build_dpo(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
 
     metrics = run_trainer(trainer, "dpo", work, out, section=cfg.dpo, after=after)
     tok.save_pretrained(out)
+    lineage = base_lineage(cfg, up["model"], out)
     metrics |= {
         "pref_accuracy_sft": before_pref["pref_accuracy"],
         "pref_margin_sft": before_pref["pref_margin"],
@@ -214,7 +220,7 @@ def build_dpo(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         "dtype": dtype_name(cfg.dpo.precision),
         "quantization": quant,
     }
-    return BuildResult(metrics=metrics, device=device)
+    return BuildResult(metrics=metrics, device=device, extra={"base_model": lineage})
 
 
 def dpo(
