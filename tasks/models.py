@@ -140,7 +140,10 @@ def build_base(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         (out / POINTER).write_text(json.dumps({**spec.config, **spec.inputs}, indent=2))
         model, tok = load_pretrained(cfg, m.name_or_path, m.revision, spec.config["chat_template"])
         n_params = sum(p.numel() for p in model.parameters())
-        return BuildResult(metrics={"parameters": n_params, **tokenizer_facts(tok, model.config)})
+        from transformers import AutoConfig  # as stored (the loaded model may be upcast)
+
+        stored = AutoConfig.from_pretrained(m.name_or_path, **hub_kwargs(cfg, m.revision))
+        return BuildResult(metrics={"parameters": n_params, **tokenizer_facts(tok, stored)})
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tasks.data import read_split

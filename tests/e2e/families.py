@@ -32,6 +32,7 @@ class Family:
     dtype: torch.dtype = torch.float32
     config: dict[str, Any] = field(default_factory=dict)
     run: dict[str, Any] = field(default_factory=dict)  # model section overrides of the run
+    slow: bool = False  # the matrix's second half: `pytest -m "not slow"` skips it locally
 
 
 _ROPE = {
@@ -55,18 +56,18 @@ FAMILIES = (
     ),
     Family(
         "gpt_neox", "GPTNeoXConfig", bos="<|endoftext|>", eos="<|endoftext|>",
-        config={k: v for k, v in _ROPE.items() if k != "num_key_value_heads"},
+        config={k: v for k, v in _ROPE.items() if k != "num_key_value_heads"}, slow=True,
     ),
     Family(
         "qwen2", "Qwen2Config", bos=None, eos="<|endoftext|>", pad="<|endoftext|>",
         extra=("<|im_start|>", "<|im_end|>"), template="chatml",
-        config={**_ROPE, "tie_word_embeddings": True},
+        config={**_ROPE, "tie_word_embeddings": True}, slow=True,
     ),
     Family(
         "gemma2", "Gemma2Config", **_GEMMA_TOKENS,
         config={**_GEMMA, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
     ),
-    Family("gemma3_text", "Gemma3TextConfig", **_GEMMA_TOKENS, config={**_GEMMA}),
+    Family("gemma3_text", "Gemma3TextConfig", **_GEMMA_TOKENS, config={**_GEMMA}, slow=True),
     Family(
         "phi3", "Phi3Config", bos="<s>", eos="<|endoftext|>", pad="<|endoftext|>",
         extra=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"), template="phi3",
@@ -74,7 +75,7 @@ FAMILIES = (
     ),
     Family(
         "mistral_untied", "MistralConfig", bos="<s>", eos="</s>", add_bos=True,
-        template="mistral", config={**_ROPE, "tie_word_embeddings": False},
+        template="mistral", config={**_ROPE, "tie_word_embeddings": False}, slow=True,
     ),
     Family(  # no template in the tokenizer: the run names the built-in one
         "llama3_bf16_untied", "LlamaConfig", bos="<|begin_of_text|>", eos="<|end_of_text|>",
