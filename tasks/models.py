@@ -224,10 +224,9 @@ def cast_checkpoint(path: Path, dtype: torch.dtype) -> None:
             continue
         cast = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
         save_file(cast, str(f), metadata={"format": "pt"})
-    config = path / "config.json"
-    if config.is_file():
-        data = json.loads(config.read_text())
-        data["dtype"] = str(dtype).removeprefix("torch.")
+    config, name = path / "config.json", str(dtype).removeprefix("torch.")
+    if config.is_file() and (data := json.loads(config.read_text())).get("dtype") != name:
+        data["dtype"] = name
         config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
