@@ -18,7 +18,8 @@ from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import ModelError
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
-from fasttrack.lib.hub import check_model_dir
+from fasttrack.core.templates import DEFAULT_TEMPLATE, resolve
+from fasttrack.lib.hub import check_model_dir, hub_kwargs
 from fasttrack.lib.models import (
     CHAT_TEMPLATE,
     POINTER,
@@ -26,6 +27,7 @@ from fasttrack.lib.models import (
     fingerprint_dir,
     is_local_path,
     load_pretrained,
+    tokenizer_facts,
 )
 
 STAGE = Stage("base", "1")
@@ -37,7 +39,7 @@ def base_spec(cfg: RunConfig, data: ArtifactRef | None = None) -> StageSpec:
     config: dict[str, Any] = {
         "name_or_path": name,
         "revision": m.revision,
-        "chat_template": m.chat_template,
+        "chat_template": resolve(m.chat_template),  # the Jinja text: a changed file changes keys
         "trust_remote_code": m.trust_remote_code,
     }
     if m.resize_embeddings:  # only when set, so the keys of existing runs stay as they were
@@ -50,6 +52,7 @@ def base_spec(cfg: RunConfig, data: ArtifactRef | None = None) -> StageSpec:
             "architecture": m.architecture.model_dump(),
         }
         return STAGE.spec(config | {"seed": cfg.seed}, upstream={"data": data})
+    config["default_template"] = DEFAULT_TEMPLATE  # used when the model has no template
     if is_local_path(name):
         path = Path(name).expanduser()
         check_model_dir(path, m.allow_pickle)
@@ -60,7 +63,7 @@ def base_spec(cfg: RunConfig, data: ArtifactRef | None = None) -> StageSpec:
 def build_base(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     m = cfg.model
     if m.name_or_path != "scratch":
-        model, tok = load_pretrained(cfg, m.name_or_path, m.revision, m.chat_template)
+        model, tok = load_pretrained(cfg, m.name_or_path, m.revision, spec.config["chat_template"])
         rows = model.get_input_embeddings().num_embeddings
         if m.resize_embeddings and len(tok) > rows:
             # a real model dir, not a pointer: every later stage loads the grown matrix
@@ -70,7 +73,10 @@ def build_base(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         else:
             (out / POINTER).write_text(json.dumps({**spec.config, **spec.inputs}, indent=2))
         n_params = sum(p.numel() for p in model.parameters())
-        metrics = {"parameters": n_params, "vocab_size": len(tok)}
+        from transformers import AutoConfig  # as stored (the loaded model may be upcast)
+
+        stored = AutoConfig.from_pretrained(m.name_or_path, **hub_kwargs(cfg, m.revision))
+        metrics = {"parameters": n_params, **tokenizer_facts(tok, stored)}
         return BuildResult(metrics=metrics | ({"resized_from": rows} if len(tok) > rows else {}))
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -78,9 +84,8 @@ def build_base(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
 
     store = ArtifactStore(cfg.store)
     texts = [r["text"] for r in read_split(store, spec.upstream["data"], "corpus", "train")]
-    tok = build_tokenizer(
-        texts, m.tokenizer.vocab_size, m.tokenizer.min_frequency, m.chat_template or CHAT_TEMPLATE
-    )
+    template = resolve(m.chat_template) or CHAT_TEMPLATE
+    tok = build_tokenizer(texts, m.tokenizer.vocab_size, m.tokenizer.min_frequency, template)
     a = m.architecture
     config = LlamaConfig(
         vocab_size=len(tok),
@@ -101,7 +106,7 @@ def build_base(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
-    return BuildResult(metrics={"parameters": n_params, "vocab_size": len(tok)})
+    return BuildResult(metrics={"parameters": n_params, **tokenizer_facts(tok, config)})
 
 
 resolve_base, base_task = STAGE.define(base_spec, build_base)

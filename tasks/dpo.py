@@ -20,7 +20,12 @@ from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import ModelError, StoreError
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
-from fasttrack.lib.adapters import load_for_training, trainable_snapshot, unchanged_tensors
+from fasttrack.lib.adapters import (
+    base_lineage,
+    load_for_training,
+    trainable_snapshot,
+    unchanged_tensors,
+)
 from fasttrack.lib.datasets import read_split
 from fasttrack.lib.models import pick_device
 from fasttrack.lib.scoring import preference_accuracy
@@ -194,6 +199,7 @@ def build_dpo(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
 
     metrics = run_trainer(trainer, "dpo", work, out, section=cfg.dpo, after=after)
     tok.save_pretrained(out)
+    lineage = base_lineage(cfg, up["model"], out)
     metrics |= {
         "pref_accuracy_sft": before_pref["pref_accuracy"],
         "pref_margin_sft": before_pref["pref_margin"],
@@ -205,7 +211,7 @@ def build_dpo(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         "dtype": dtype_name(cfg.dpo.precision),
         "quantization": quant,
     }
-    return BuildResult(metrics=metrics, device=device)
+    return BuildResult(metrics=metrics, device=device, extra={"base_model": lineage})
 
 
 reference_logps, dpo_ref_task = REF.define(ref_spec, build_ref)

@@ -1,6 +1,7 @@
 """Pack step of pretraining: tokenize the corpus with the base tokenizer and pack fixed blocks.
 
-Documents are tokenized with `datasets.map(batched=True)`, each followed by EOS, concatenated and
+Documents are tokenized with `datasets.map(batched=True)`, each started by BOS when the tokenizer
+adds one itself (Gemma, Llama, Mistral) and followed by EOS, concatenated and
 cut into `block_size` blocks. Nothing is dropped: the final partial block is padded and its
 padding masked (attention_mask 0, label -100), so every document token is trained on. The key
 includes the base artifact (tokenizer, template, pad/EOS) so a changed tokenizer can never reuse
@@ -46,12 +47,21 @@ def pack_blocks(
 
 
 def tokenize_texts(texts: list[str], tokenizer, cache_dir: Path) -> Iterator[list[int]]:
-    """Token ids per document, via datasets.map(batched=True) (multi-process capable)."""
+    """Token ids per document, via datasets.map(batched=True) (multi-process capable), each
+    starting with BOS where the tokenizer starts texts with one (tasks/templates.py)."""
     import datasets
 
+    from fasttrack.core.templates import document_bos
+
+    head = [] if (bos := document_bos(tokenizer)) is None else [bos]
     ds = datasets.Dataset.from_dict({"text": texts})
+
+    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"ids": [head + doc for doc in ids]}
+
     tokenized = ds.map(
-        lambda batch: {"ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
+        encode,
         batched=True,
         remove_columns=["text"],
         cache_file_name=str(cache_dir / "tokenized.arrow"),

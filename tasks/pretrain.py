@@ -15,7 +15,7 @@ import torch
 from fasttrack.core.config import RunConfig
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
-from fasttrack.lib.models import load_model, pick_device
+from fasttrack.lib.models import cast_checkpoint, load_model, pick_device, target_dtype
 from fasttrack.lib.training import (
     dtype_name,
     run_trainer,
@@ -29,6 +29,8 @@ STAGE = Stage("pretrain", "1", retries=1, retry_delay_seconds=5)
 
 def pretrain_spec(cfg: RunConfig, packed: ArtifactRef, base: ArtifactRef) -> StageSpec:
     config = training_key_config(cfg.pretrain, cfg.seed)
+    if cfg.model.dtype != "auto":  # auto (the base's dtype) keeps the keys it always had
+        config["dtype"] = cfg.model.dtype
     return STAGE.spec(config, upstream={"pack": packed, "base": base})
 
 
@@ -60,6 +62,8 @@ def build_pretrain(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         data_collator=collate_blocks,
     )
     metrics = run_trainer(trainer, "pretrain", work, out, section=cfg.pretrain)
+    dtype = target_dtype(cfg, spec.upstream["base"])
+    cast_checkpoint(out, dtype)  # trained in fp32, published in the base's dtype
     tok.save_pretrained(out)
     p = cfg.pretrain
     tokens = (
@@ -70,7 +74,12 @@ def build_pretrain(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         run_tokens = tokens * (1 - metrics["resumed_from_step"] / max(metrics["steps"], 1))
         metrics["tokens_per_second"] = round(run_tokens / metrics["train_seconds"], 1)
     return BuildResult(
-        metrics=metrics, device={"device": pick_device(), "dtype": dtype_name(p.precision)}
+        metrics=metrics,
+        device={
+            "device": pick_device(),
+            "dtype": dtype_name(p.precision),
+            "saved_dtype": str(dtype).removeprefix("torch."),
+        },
     )
 
 

@@ -16,13 +16,14 @@ from fasttrack.core.config import RunConfig
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
 from fasttrack.lib.adapters import (
+    base_lineage,
     load_for_training,
     lora_config,
     trainable_snapshot,
     unchanged_tensors,
 )
 from fasttrack.lib.datasets import read_split
-from fasttrack.lib.models import load_model, pick_device
+from fasttrack.lib.models import load_model, pick_device, target_dtype
 from fasttrack.lib.training import (
     dtype_name,
     run_trainer,
@@ -37,6 +38,8 @@ STAGE = Stage("sft", "1", retries=1, retry_delay_seconds=5)
 def sft_spec(cfg: RunConfig, model: ArtifactRef, data: ArtifactRef) -> StageSpec:
     config = training_key_config(cfg.sft, cfg.seed)  # + the adapter: one key, wherever it's set
     config |= cfg.adapter.model_dump(mode="json")
+    if cfg.model.dtype != "auto":  # the merged model's dtype; auto keeps the old keys
+        config["dtype"] = cfg.model.dtype
     return STAGE.spec(config, upstream={"model": model, "data": data})
 
 
@@ -92,6 +95,7 @@ def build_sft(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         after=lambda m: {"trainable_tensors_unchanged": len(unchanged_tensors(m, before))},
     )  # fmt: skip
     tok.save_pretrained(out)
+    lineage = base_lineage(cfg, spec.upstream["model"], out)
     metrics |= {
         "trainable_params": sum(t.numel() for t in before.values()),
         "trainable_tensors": len(before),
@@ -100,17 +104,18 @@ def build_sft(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     if s.merge:
         merge_adapter(cfg, spec.upstream["model"], out, out / "merged")
     device = {"device": pick_device(), "dtype": dtype_name(s.precision), "quantization": quant}
-    return BuildResult(metrics=metrics, device=device)
+    return BuildResult(metrics=metrics, device=device, extra={"base_model": lineage})
 
 
 def merge_adapter(cfg: RunConfig, model_ref: ArtifactRef, adapter: Path, dest: Path) -> None:
-    """Merge the adapter into full-precision base weights: a plain model, no peft needed."""
+    """Merge the adapter into full-precision base weights: a plain model, no peft needed,
+    written in the base's dtype (or `model.dtype`)."""
     import torch
     from peft import PeftModel
 
     base, tok = load_model(cfg, model_ref, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    merged.save_pretrained(dest)
+    merged.to(target_dtype(cfg, model_ref)).save_pretrained(dest)
     tok.save_pretrained(dest)
 
 

@@ -136,7 +136,15 @@ class ModelConfig(Section):
         description="Also load pickle checkpoints (pytorch_model.bin), which can run code on "
         "load; default: safetensors only.",
     )
-    chat_template: str | None = Field(None, description="Jinja chat template override.")
+    chat_template: str | None = Field(
+        None,
+        description="Chat template: chatml, llama3, gemma, phi3, mistral, alpaca, a Jinja string "
+        "or a .jinja file; unset: the model's own, else ChatML ending turns with its EOS.",
+    )
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="dtype of the models pretrain and the SFT merge write; auto: the base's.",
+    )
     resize_embeddings: bool = Field(
         False,
         description="Grow the embedding matrix to the tokenizer's size when the tokenizer is "
@@ -144,6 +152,14 @@ class ModelConfig(Section):
     )
     tokenizer: TokenizerConfig = TokenizerConfig()
     architecture: ArchitectureConfig = ArchitectureConfig()
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_resolves(cls, value: str | None) -> str | None:
+        from fasttrack.core.templates import resolve
+
+        resolve(value)  # a ValueError names the field
+        return value
 
 
 class TrainingConfig(Section):

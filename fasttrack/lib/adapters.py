@@ -9,6 +9,8 @@ is logged once, and the manifest says `quantization: none (<reason>)`.
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,12 +87,7 @@ def load_for_training(cfg: RunConfig, model_ref: ArtifactRef) -> tuple[Any, Any,
     from transformers import AutoModelForCausalLM
 
     name, revision, _ = model_source(cfg, model_ref)
-    tok, _ = load_tokenizer(cfg, model_ref)  # template override and pad token applied there
-    if not tok.chat_template:
-        raise ModelError(
-            f"the tokenizer of {name} has no chat template: set model.chat_template in the config "
-            "(a Jinja template), or use a chat/instruct model"
-        )
+    tok, _ = load_tokenizer(cfg, model_ref)  # template (override or default), pad token
     bnb, used = quantization(cfg.adapter.quantization)
     device = pick_device()
     kwargs = hub_kwargs(cfg, revision) | weights_kwargs(cfg)
@@ -111,10 +108,12 @@ def load_for_training(cfg: RunConfig, model_ref: ArtifactRef) -> tuple[Any, Any,
 
 
 def linear_modules(model: Any) -> list[str]:
-    """Full names of the model's Linear layers (4-bit ones included)."""
+    """Full names of the model's Linear layers: 4-bit ones and GPT-2's Conv1D included (peft
+    adapts those too; with 4-bit off GPT-2's c_attn is a Conv1D)."""
     import bitsandbytes as bnb
+    from transformers.pytorch_utils import Conv1D
 
-    kinds: tuple[type, ...] = (torch.nn.Linear, bnb.nn.Linear4bit)
+    kinds: tuple[type, ...] = (torch.nn.Linear, bnb.nn.Linear4bit, Conv1D)
     return [n for n, m in model.named_modules() if isinstance(m, kinds)]
 
 
@@ -171,3 +170,19 @@ def unchanged_tensors(model: Any, before: dict[str, torch.Tensor]) -> list[str]:
         if torch.equal(new.float().cpu(), old.cpu()):
             unchanged.append(name)
     return unchanged
+
+
+def base_lineage(cfg: RunConfig, model_ref: ArtifactRef, adapter_dir: Path) -> dict[str, Any]:
+    """Point the adapter at the base it was trained on, in a form a user can load: the absolute
+    store path of the pretrained/base model dir, or the user's own model dir or hub id. Returns
+    the manifest's `base_model` entry (stage, key, path)."""
+    name, revision, _ = model_source(cfg, model_ref)
+    local = Path(name).expanduser()
+    path = str(local.resolve()) if local.exists() else name
+    config_file = adapter_dir / "adapter_config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        config["base_model_name_or_path"] = path
+        config["revision"] = revision
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+    return {"stage": model_ref.stage, "key": model_ref.key, "path": path, "revision": revision}

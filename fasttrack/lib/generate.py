@@ -1,7 +1,8 @@
 """Generation with the configured decoding strategy.
 
 Batched generation pads on the left (decoder-only models continue from the last position), goes
-through the chat template with the generation prompt, and stops at EOS; the decoding settings
+through the chat template with the generation prompt, and stops at the model's own stop tokens
+(EOS, the generation config's, the template's end of turn); the decoding settings
 are returned with the answers so every number can say how it was produced.
 """
 
@@ -14,12 +15,16 @@ import torch
 from fasttrack.core.config import GenerationConfig
 
 
-def generation_kwargs(g: GenerationConfig, tok: Any) -> dict[str, Any]:
-    """transformers `generate` kwargs for greedy, sampling (top-k/top-p/temperature) or beam."""
+def generation_kwargs(g: GenerationConfig, tok: Any, model: Any = None) -> dict[str, Any]:
+    """transformers `generate` kwargs for greedy, sampling (top-k/top-p/temperature) or beam.
+    Stops at every id the model stops at: EOS, its generation config's ids, the template's
+    end-of-turn token (passing only EOS ran Gemma past `<end_of_turn>`)."""
+    from fasttrack.core.templates import stop_ids
+
     kwargs: dict[str, Any] = {
         "max_new_tokens": g.max_new_tokens,
         "repetition_penalty": g.repetition_penalty,
-        "eos_token_id": tok.eos_token_id,
+        "eos_token_id": stop_ids(tok, model),
         "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
     }
     if g.strategy == "sample":
@@ -70,6 +75,6 @@ def generate(
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     model.eval()
-    out = model.generate(**batch.to(device), **generation_kwargs(g, tok))
+    out = model.generate(**batch.to(device), **generation_kwargs(g, tok, model))
     new = out[:, batch["input_ids"].shape[1] :]
     return [tok.decode(ids, skip_special_tokens=True).strip() for ids in new]

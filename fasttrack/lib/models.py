@@ -16,6 +16,7 @@ import torch
 from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import ModelError
 from fasttrack.core.store import ArtifactRef, ArtifactStore, sha256_file
+from fasttrack.core.templates import DEFAULT_TEMPLATE, apply_default, document_bos
 from fasttrack.lib.hub import check_model_dir, hub_kwargs, load_error, weights_kwargs
 
 BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
@@ -59,28 +60,104 @@ def fingerprint_dir(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_tokenizer(texts: list[str], vocab_size: int, min_frequency: int, template: str):
-    """Byte-level BPE (no unknown tokens, any UTF-8 input) with our special tokens + template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(
+    texts: list[str],
+    vocab_size: int,
+    min_frequency: int,
+    template: str | None,
+    *,
+    bos: str | None = BOS,
+    eos: str = EOS,
+    pad: str | None = PAD,
+    extra: tuple[str, ...] = ROLE_TOKENS,
+    add_bos: bool = False,
+):
+    """Byte-level BPE (no unknown tokens, any UTF-8 input) with special tokens + template.
+
+    The defaults are the scratch model's; the keywords build other families' conventions
+    (Gemma's `<bos>` prepended to every text with `add_bos`, GPT-2's lone EOS, no pad...)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    specials = list(dict.fromkeys(t for t in (pad, bos, eos, *extra) if t))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[PAD, BOS, EOS, *ROLE_TOKENS],
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
+    if add_bos and bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A",
+            pair=f"{bos} $A {bos} $B",
+            special_tokens=[(bos, tok.token_to_id(bos))],
+        )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        additional_special_tokens=list(ROLE_TOKENS),
+        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
+        additional_special_tokens=[t for t in extra if t not in (bos, eos, pad)],
     )  # fmt: skip
     fast.chat_template = template
     return fast
+
+
+def tokenizer_facts(tok: Any, config: Any) -> dict[str, Any]:
+    """What the manifest says about the base's tokenizer conventions (see README, Bring your
+    own model): vocab, whether documents get a BOS, which template, the dtype of the weights."""
+    from fasttrack.core.templates import stop_ids
+
+    bos = document_bos(tok)
+    return {
+        "vocab_size": len(tok),
+        "document_bos": None if bos is None else tok.convert_ids_to_tokens(bos),
+        "chat_template": "default (ChatML, EOS ends a turn)"
+        if tok.chat_template == DEFAULT_TEMPLATE
+        else "configured or the model's own",
+        "stop_tokens": tok.convert_ids_to_tokens(stop_ids(tok)),
+        "dtype": str(weights_dtype(config)).removeprefix("torch."),
+    }
+
+
+def weights_dtype(config: Any) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in (config `dtype`; fp32 when unsaid)."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else torch.float32
+
+
+def save_dtype(cfg: RunConfig, base_config: Any) -> torch.dtype:
+    """dtype that trained/merged models are written in: `model.dtype`, else the base's (a bf16
+    base must not come back as fp32, twice the size)."""
+    if cfg.model.dtype != "auto":
+        return pick_dtype(cfg.model.dtype)
+    return weights_dtype(base_config)
+
+
+def target_dtype(cfg: RunConfig, ref: ArtifactRef) -> torch.dtype:
+    """`save_dtype` of a model artifact, from its config alone (no weights loaded)."""
+    return save_dtype(cfg, load_tokenizer(cfg, ref)[1])
+
+
+def cast_checkpoint(path: Path, dtype: torch.dtype) -> None:
+    """Rewrite a saved model dir's floating-point weights (and config) in `dtype`: training
+    keeps fp32 master weights, the artifact keeps the base's dtype."""
+    from safetensors.torch import load_file, save_file
+
+    for f in sorted(path.glob("*.safetensors")):
+        tensors = load_file(str(f))
+        if all(t.dtype == dtype or not t.is_floating_point() for t in tensors.values()):
+            continue
+        cast = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+        save_file(cast, str(f), metadata={"format": "pt"})
+    config, name = path / "config.json", str(dtype).removeprefix("torch.")
+    if config.is_file() and (data := json.loads(config.read_text())).get("dtype") != name:
+        data["dtype"] = name
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def load_pretrained(
@@ -121,11 +198,13 @@ def load_pretrained(
 
 
 def fix_tokenizer(tok: Any, config: Any, template: str | None = None) -> None:
-    """Pad token (falls back to EOS), template override, pad id in the model config."""
+    """Pad token (falls back to EOS), template override (else the model's own, else the
+    default ChatML of tasks/templates.py), pad id in the model config."""
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if template:
         tok.chat_template = template
+    apply_default(tok)
     if getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = tok.pad_token_id
 

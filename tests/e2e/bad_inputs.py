@@ -236,6 +236,14 @@ CASES: list[Case] = [
     Case("config-bad-gate", "config", "promotion gate that does not parse",
          lambda c: config_text(c, good_yaml(c, evaluate={"gates": ["sft.rougeL >>= 1"]})),
          f"{CFG}:<n>: evaluate: gates.0: 'sft.rougeL >>= 1' is not `<model>.<metric> <op> …"),
+    Case("config-unknown-template", "config", "unknown chat template name",
+         lambda c: config_text(c, good_yaml(c, model={"chat_template": "vicuna"})),
+         f"{CFG}:<n>: model.chat_template: 'vicuna' is not a template name (chatml, llama3, "
+         "gemma, phi3, mistral, alpaca), a Jinja string or a .jinja file"),
+    Case("config-template-file-missing", "config", "`.jinja` template file that does not exist",
+         lambda c: config_text(c, good_yaml(c, model={"chat_template": "nope.jinja"})),
+         f"{CFG}:<n>: model.chat_template: cannot read template file nope.jinja: No such file "
+         "or directory"),
     Case("set-no-equals", "config", "`--set` without `=`",
          lambda c: (_run(c, "--set", "pretrain.max_steps"), ""),
          "--set pretrain.max_steps: expected KEY=VALUE, e.g. pretrain.max_steps=50"),

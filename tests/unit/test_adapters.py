@@ -49,8 +49,18 @@ def test_four_bit_really_runs_on_this_cpu() -> None:
     assert adapters.four_bit_unavailable("cpu") is None
 
 
-def test_missing_chat_template_says_how_to_set_one(tmp_path: Path, tiny_cfg, base) -> None:
+def test_model_without_template_gets_the_default_and_trains_its_end_of_turn(
+    tmp_path: Path, tiny_cfg, base
+) -> None:
+    """No template in the model and none in the config: ChatML closed by the model's EOS, in
+    the base key and manifest, and that EOS is inside the SFT labels (the model learns to stop)."""
+    import datasets
+
+    from fasttrack.core.store import ArtifactStore
+    from fasttrack.core.templates import DEFAULT_TEMPLATE
+    from fasttrack.lib.datasets import read_split
     from fasttrack.lib.models import load_model
+    from tasks.sft import prompt_completion, sft_trainer
 
     model, tok = load_model(tiny_cfg, base)
     tok.chat_template = None
@@ -60,9 +70,17 @@ def test_missing_chat_template_says_how_to_set_one(tmp_path: Path, tiny_cfg, bas
     (model_dir / "chat_template.jinja").unlink(missing_ok=True)
     d = tiny_config_dict(tmp_path / "s2", model={"name_or_path": str(model_dir)})
     cfg = load_config(write_config(tmp_path / "c.yaml", d))
-    ref = resolve_base(cfg, prepare_data(cfg))
-    with pytest.raises(ModelError, match=r"no chat template: set model\.chat_template"):
-        adapters.load_for_training(cfg, ref)
+    data = prepare_data(cfg)
+    ref = resolve_base(cfg, data)
+    assert ref.metrics["chat_template"].startswith("default")
+    model, tok, _ = adapters.load_for_training(cfg, ref)
+    assert tok.chat_template == DEFAULT_TEMPLATE
+    rows = prompt_completion(read_split(ArtifactStore(cfg.store), data, "sft", "train")[:2])
+    trainer = sft_trainer(cfg, model, tok, datasets.Dataset.from_list(rows), None, tmp_path / "w")
+    example = trainer.train_dataset[0]
+    trained = [t for t in example["labels"] if t != -100]
+    assert trained[-2:] == tok("<|endoftext|>\n", add_special_tokens=False)["input_ids"][:2]
+    assert tok.eos_token_id in trained
 
 
 def test_dpo_refuses_an_adapter_trained_on_another_base(tiny_cfg, base) -> None:
