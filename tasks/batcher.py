@@ -17,6 +17,7 @@ import itertools
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -158,7 +159,7 @@ class Batcher:
         self._lock = threading.Lock()
         self._seeds = itertools.count(1)
         self._thread = threading.Thread(target=self._loop, name="fasttrack-batcher", daemon=True)
-        self.batches: list[int] = []  # rows per batch run (for tests and the benchmark)
+        self.batches: deque[int] = deque(maxlen=4096)  # rows of the latest batches run
 
     def start(self) -> Batcher:
         from tasks.adapters import disable_cpu_bf16_repack

@@ -138,18 +138,16 @@ def decoding(base: GenerationConfig, body: _Sampling, max_new: int) -> Generatio
 
 
 async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON; 413 past `limit` bytes (counted as it streams in), 400 if not JSON."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body over {limit} bytes", "invalid_request_error", None,
-                       "request_too_large")  # fmt: skip
+    """The body as JSON; 413 past `limit` bytes, 400 if not JSON. The rest of an oversized
+    body is read and dropped, so the client gets the 413 instead of a reset connection."""
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"request body over {limit} bytes", "invalid_request_error",
-                           None, "request_too_large")  # fmt: skip
-        chunks.append(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+    if size > limit:
+        raise ApiError(413, f"request body of {size} bytes is over the limit of {limit}",
+                       "invalid_request_error", None, "request_too_large")  # fmt: skip
     try:
         return json.loads(b"".join(chunks))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -206,7 +204,9 @@ def create_app(served: Served) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": served.model_id, "in_flight": served.batcher.in_flight}
+        b = served.batcher
+        return {"status": "ok", "model": served.model_id, "in_flight": b.in_flight,
+                "largest_batch": max(b.batches, default=0)}  # fmt: skip
 
     @v1.get("/models")
     async def models() -> dict[str, Any]:

@@ -58,7 +58,7 @@ def test_batched_greedy_equals_each_prompt_alone(model_tok) -> None:
     assert len({len(r.ids) for r in reqs}) == len(reqs)  # every row needs different padding
     batcher = Batcher(model, tok)
     results = run_all(batcher, reqs)
-    assert batcher.batches == [len(PROMPTS)]  # one left-padded batch, not a loop
+    assert list(batcher.batches) == [len(PROMPTS)]  # one left-padded batch, not a loop
     for prompt, budget, (done,) in zip(PROMPTS, budgets, results, strict=True):
         alone = generate(model, tok, [prompt], g.model_copy(update={"max_new_tokens": budget}))[0]
         assert done.text == alone, prompt
