@@ -13,6 +13,7 @@ its neighbours).
 
 from __future__ import annotations
 
+import copy
 import itertools
 import queue
 import threading
@@ -149,7 +150,9 @@ class Batcher:
         max_pending: int = 256,
         window_s: float = 0.005,
     ):
-        self.model, self.tok = model, tok
+        # Its own tokenizer: a Rust tokenizer used from two threads while one changes its
+        # padding/truncation settings panics ("Already borrowed").
+        self.model, self.tok = model, copy.deepcopy(tok)
         self.max_batch, self.max_pending, self.window_s = max_batch, max_pending, window_s
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
