@@ -218,7 +218,10 @@ class Batcher:
                 if self._stopping:
                     return
                 continue
-            time.sleep(self.window_s)  # let requests sent together arrive together
+            # Let requests sent together arrive together; under load (the last batch was
+            # shared) wait longer, for the clients just answered to send their next request.
+            busy = bool(self.batches) and self.batches[-1] > 1
+            time.sleep(self.window_s * (6 if busy else 1))
             self._take(block=False)
             batch = self._next_batch()
             try:
