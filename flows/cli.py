@@ -3,7 +3,8 @@
     fasttrack run                                  # embedded default pipeline_configs/tiny-cpu.yaml
     fasttrack run CONFIG --stages data,pretrain --force pretrain --set pretrain.max_steps=50
     fasttrack plan [CONFIG] [--gpu-mem 24GiB]     # memory/FLOPs per training stage
-    fasttrack ask [CONFIG] "question" [--model sft]   # RAG answer with sources
+    fasttrack ask [CONFIG] "question" [--model sft] [--server URL]   # RAG answer with sources
+    fasttrack serve [CONFIG] [--model promoted|dpo|sft|pretrain|KEY] [--port 8000]   # OpenAI API
     fasttrack report [RUN|latest] [--store artifacts]   # re-print a past run's report
     fasttrack ls [--store artifacts]
     fasttrack deploy | worker --queue gpu | zombies   # scheduled runs on a Prefect server
@@ -229,6 +230,12 @@ def ask(
     model: Annotated[
         str | None, typer.Option(help="dpo | sft | pretrain | base (default: most trained)")
     ] = None,
+    server: Annotated[
+        str | None, typer.Option(help="URL of a running `fasttrack serve` (no model loaded here)")
+    ] = None,
+    api_key_env: Annotated[
+        str | None, typer.Option(help="Environment variable holding the server's API key")
+    ] = None,
 ) -> None:
     """Answer from the run's RAG index with its newest model (DPO > SFT > pretrain); says why
     newer ones are missing. The untrained base model only with --model base."""
@@ -239,8 +246,13 @@ def ask(
         _fail(FastTrackError('ask: expected [CONFIG] "question" (quote the question)'))
     config, question = (None, args[0]) if len(args) == 1 else args
     try:
-        cfg = load_config(config, _split(set_))
-        result = answer(cfg, question, k=k, mode=mode, model=model)
+        if server:
+            from fasttrack.lib.serve_client import ask_server
+
+            result = ask_server(server, question, _api_key(api_key_env))
+        else:
+            cfg = load_config(config, _split(set_))
+            result = answer(cfg, question, k=k, mode=mode, model=model)
     except FastTrackError as exc:
         _fail(exc)
     for note in result.notes:
@@ -253,6 +265,62 @@ def ask(
     for hit in result.hits:
         sources.add_row(str(hit.rank), hit.title, hit.section or "", f"{hit.score:.3f}")
     show(sources)
+
+
+def _api_key(env: str | None) -> str | None:
+    if env is None:
+        return None
+    if not os.environ.get(env):
+        raise FastTrackError(f"--api-key-env {env}: the environment variable is not set or empty")
+    return os.environ[env]
+
+
+@app.command()
+def serve(
+    config: Annotated[
+        str | None, typer.Argument(help="Run config YAML (default: tiny-cpu)")
+    ] = None,
+    model: Annotated[
+        str, typer.Option(help="promoted (else newest) | dpo | sft | pretrain | base | KEY")
+    ] = "promoted",
+    rag: Annotated[
+        bool | None,
+        typer.Option(
+            "--rag/--no-rag",
+            help="Answer chat from the run's RAG index (default: if the run has one)",
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    api_key_env: Annotated[
+        str | None, typer.Option(help="Environment variable holding the API key clients send")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="Rows per generate batch")] = 32,
+    max_pending: Annotated[int, typer.Option(help="Requests in flight before 429")] = 256,
+    engine: Annotated[str, typer.Option(help="transformers (vllm: not available yet)")] = (
+        "transformers"
+    ),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override KEY=VALUE")] = None,
+) -> None:
+    """Serve the run's model behind an OpenAI-compatible API (FastAPI + uvicorn)."""
+    from fasttrack.core.config_loader import load_config
+
+    try:
+        if engine != "transformers":
+            raise FastTrackError(f"serve --engine {engine}: only `transformers` is available")
+        if max_batch < 1 or max_pending < 1:
+            raise FastTrackError("serve: --max-batch and --max-pending must be at least 1")
+        key = _api_key(api_key_env)
+        cfg = load_config(config, _split(set_))
+        from fasttrack.lib.serve_run import load_served, run_server
+
+        served = load_served(cfg, model, rag=rag, api_key=key, max_batch=max_batch,
+                             max_pending=max_pending)  # fmt: skip
+    except FastTrackError as exc:
+        _fail(exc)
+    where = "with RAG" if served.retriever is not None else "without RAG"
+    err.print(f"serving {served.model_id} {where} on http://{host}:{port}/v1", soft_wrap=True)
+    run_server(served, host, port)
 
 
 @app.command()

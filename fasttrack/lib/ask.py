@@ -45,6 +45,14 @@ def build_prompt(question: str, hits: list[Any]) -> str:
     return PROMPT.format(context=context, q=question)
 
 
+def rag_prompt(
+    retriever: Any, question: str, k: int | None = None, mode: str | None = None
+) -> tuple[str, list[Any]]:
+    """The cited-context prompt for `question` and the hits it cites (ask and serve share it)."""
+    hits = retriever.search(question, k=k, mode=mode)
+    return build_prompt(question, hits), hits
+
+
 def answer(
     cfg: RunConfig,
     question: str,
@@ -61,7 +69,7 @@ def answer(
     stage, ref, notes = pick_model(cfg, model)  # before the index: fail fast, load nothing
     retriever = Retriever.open(cfg, run_index(cfg))
     mode = mode or cfg.rag.mode
-    hits = retriever.search(question, k=k or cfg.rag.top_k, mode=mode)
+    prompt, hits = rag_prompt(retriever, question, k=k or cfg.rag.top_k, mode=mode)
     lm, tok = load_model(cfg, ref)
-    text = generate(lm, tok, [build_prompt(question, hits)], cfg.generation, seed=cfg.seed)[0]
+    text = generate(lm, tok, [prompt], cfg.generation, seed=cfg.seed)[0]
     return Answer(text, hits, mode, model_stage=stage, model_key=ref.short, notes=notes)

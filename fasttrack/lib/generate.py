@@ -41,28 +41,25 @@ def generation_kwargs(g: GenerationConfig, tok: Any, model: Any = None) -> dict[
     return kwargs
 
 
-@torch.inference_mode()
-def generate(
-    model: Any, tok: Any, prompts: list[str], g: GenerationConfig, seed: int = 0
-) -> list[str]:
-    """Answers to user prompts (chat template, left padding, stop at EOS)."""
-    from fasttrack.lib.adapters import disable_cpu_bf16_repack
+def chat_text(tok: Any, messages: list[dict[str, str]]) -> str:
+    """The model's chat template over `messages`, ending with the assistant cue."""
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    disable_cpu_bf16_repack(model)  # a no-grad forward on 4-bit CPU layers must not repack them
-    texts = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
-        for p in prompts
-    ]
+
+def prompt_room(model: Any, max_new_tokens: int) -> int | None:
+    """Prompt tokens that fit beside `max_new_tokens` in the model's context (None: no limit)."""
     from fasttrack.lib.models import max_positions
 
     limit = max_positions(model)
-    room = max(limit - g.max_new_tokens, 1) if limit else None
+    return max(limit - max_new_tokens, 1) if limit else None
+
+
+def encode_left(tok: Any, texts: list[str], room: int | None) -> Any:
+    """Left-padded, left-truncated batch: the end (the question and the cue) is kept."""
     sides = tok.padding_side, tok.truncation_side
-    tok.padding_side = tok.truncation_side = "left"  # keep the end: the question and the cue
+    tok.padding_side = tok.truncation_side = "left"
     try:
-        batch = tok(
+        return tok(
             texts,
             return_tensors="pt",
             padding=True,
@@ -72,9 +69,25 @@ def generate(
         )
     finally:
         tok.padding_side, tok.truncation_side = sides
+
+
+def decode_answer(tok: Any, ids: Any) -> str:
+    return tok.decode(ids, skip_special_tokens=True).strip()
+
+
+@torch.inference_mode()
+def generate(
+    model: Any, tok: Any, prompts: list[str], g: GenerationConfig, seed: int = 0
+) -> list[str]:
+    """Answers to user prompts (chat template, left padding, stop at the model's stop tokens)."""
+    from fasttrack.lib.adapters import disable_cpu_bf16_repack
+
+    disable_cpu_bf16_repack(model)  # a no-grad forward on 4-bit CPU layers must not repack them
+    texts = [chat_text(tok, [{"role": "user", "content": p}]) for p in prompts]
+    batch = encode_left(tok, texts, prompt_room(model, g.max_new_tokens))
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     model.eval()
     out = model.generate(**batch.to(device), **generation_kwargs(g, tok, model))
     new = out[:, batch["input_ids"].shape[1] :]
-    return [tok.decode(ids, skip_special_tokens=True).strip() for ids in new]
+    return [decode_answer(tok, ids) for ids in new]

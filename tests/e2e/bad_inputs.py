@@ -283,6 +283,16 @@ CASES: list[Case] = [
          _symlinked_artifact,
          "gc: nothing removed: <file> is a symlink (to …); the store refuses symlinked "
          "artifacts: replace it with a copy or remove it"),
+    Case("cli-serve-unset-key-env", "cli", "`serve --api-key-env` names an unset variable",
+         lambda c: (["serve", str(_cfg(c)), "--api-key-env", "FASTTRACK_UNSET_KEY"],
+                    "FASTTRACK_UNSET_KEY"),
+         "--api-key-env <file>: the environment variable is not set or empty"),
+    Case("cli-serve-untrained-run", "cli", "`serve` a run that trained nothing yet",
+         lambda c: (["serve", str(_cfg(c))], c.store),
+         "no data artifact for run 'test-tiny' in <file>: run `fasttrack run` first"),
+    Case("cli-serve-bad-engine", "cli", "`serve --engine` other than transformers",
+         lambda c: (["serve", str(_cfg(c)), "--engine", "vllm"], "vllm"),
+         "serve --engine <file>: only `transformers` is available"),
     # --- data files (found by the data stage, inside the flow) ------------------------------
     Case("data-missing-file", "data", "source file does not exist",
          source_case(lambda c: c.tmp / "nope.jsonl"),

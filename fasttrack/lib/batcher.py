@@ -1,0 +1,284 @@
+"""Dynamic batching for the server: one worker thread owns the model and answers many requests
+with one left-padded `generate` call.
+
+Requests wait in a queue; the worker takes every pending request whose decoding settings match
+the oldest one's (same strategy, temperature, top-p, ... — `max_new_tokens` may differ), pads
+their prompts on the left and runs them as one batch. Rows are independent under the attention
+mask and the position ids transformers derives from it, so a greedy answer is the one `generate`
+gives for that prompt alone. A per-row stopping criterion ends each row at its own token budget,
+its stop strings, or when its client went away, and streams each row's new text as it grows.
+A sampled request that names a seed runs alone (a shared RNG would make its sample depend on
+its neighbours).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from fasttrack.core.config import GenerationConfig
+from fasttrack.core.errors import FastTrackError
+from fasttrack.lib.generate import decode_answer, generation_kwargs
+
+
+class Busy(FastTrackError):
+    """The queue of pending requests is full (the server answers 429)."""
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: int  # generated tokens, stop strings included
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+@dataclass
+class Request:
+    """One prompt (already templated and tokenized) to answer `n` times."""
+
+    ids: list[int]
+    g: GenerationConfig
+    stop: list[str] = field(default_factory=list)
+    n: int = 1
+    seed: int | None = None
+    on_delta: Callable[[int, str], None] | None = None  # (choice index, new text), worker thread
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    future: Future = field(default_factory=Future)  # -> list[Completion]
+
+    def group(self) -> tuple:
+        """Requests with the same group share a batch."""
+        settings = self.g.model_dump(exclude={"max_new_tokens"})
+        alone = self.seed if self.g.strategy == "sample" and self.seed is not None else None
+        if self.g.strategy == "beam" or alone is not None:
+            return ("alone", id(self))
+        return tuple(sorted(settings.items()))
+
+
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """`text` up to the earliest stop string (excluded), and whether one was found."""
+    cuts = [i for s in stop if s and (i := text.find(s)) >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+class _Row:
+    """One output sequence: its budget, stop strings, streamed text so far."""
+
+    def __init__(self, req: Request, choice: int, tok: Any, eos: set[int]):
+        self.req, self.choice, self.tok, self.eos = req, choice, tok, eos
+        self.sent = ""
+        self.done = False
+        self.finish = "length"
+        self.ids: list[int] = []
+
+    def step(self, token: int) -> bool:
+        """Record one generated token; True when the row is finished."""
+        if self.done:
+            return True
+        self.ids.append(token)
+        if token in self.eos:
+            self.done, self.finish = True, "stop"
+        elif len(self.ids) >= self.req.g.max_new_tokens or self.req.cancelled.is_set():
+            self.done = True
+        if self.req.stop or self.req.on_delta:
+            text, hit = cut_at_stop(self.raw(), self.req.stop)
+            if hit:
+                self.done, self.finish = True, "stop"
+            self.stream(text)
+        return self.done
+
+    def raw(self) -> str:
+        return self.tok.decode(self.ids, skip_special_tokens=True).lstrip()
+
+    def stream(self, text: str) -> None:
+        """Send the new, settled part: never a partial character, trailing whitespace that
+        `strip` may drop, or a tail that could still grow into a stop string."""
+        if self.req.on_delta is None:
+            return
+        text = text.rstrip()
+        if not self.done:
+            text = text.removesuffix("\ufffd")
+            for s in self.req.stop:
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        text = text[:-k].rstrip()
+                        break
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            self.req.on_delta(self.choice, text[len(self.sent) :])
+            self.sent = text
+
+    def result(self) -> Completion:
+        text, hit = cut_at_stop(decode_answer(self.tok, self.ids), self.req.stop)
+        text = text.strip() if hit else text
+        self.done = True
+        self.stream(text)
+        return Completion(text, len(self.ids), "stop" if hit else self.finish)
+
+
+class _PerRow(StoppingCriteria):
+    """Feeds each row its newest token; a row is finished when its own criteria say so."""
+
+    def __init__(self, rows: list[_Row], start: int):
+        self.rows, self.start = rows, start
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        if input_ids.shape[1] <= self.start:
+            return torch.zeros(len(self.rows), dtype=torch.bool, device=input_ids.device)
+        last = input_ids[:, -1].tolist()
+        done = [row.step(t) for row, t in zip(self.rows, last, strict=True)]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class Batcher:
+    """The worker thread that owns `model`; `submit` is safe from any thread."""
+
+    def __init__(
+        self,
+        model: Any,
+        tok: Any,
+        max_batch: int = 32,
+        max_pending: int = 256,
+        window_s: float = 0.005,
+    ):
+        # Its own tokenizer: a Rust tokenizer used from two threads while one changes its
+        # padding/truncation settings panics ("Already borrowed").
+        self.model, self.tok = model, copy.deepcopy(tok)
+        self.max_batch, self.max_pending, self.window_s = max_batch, max_pending, window_s
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        self._queue: queue.Queue[Request | None] = queue.Queue()
+        self._pending: list[Request] = []
+        self._count = 0  # submitted and not finished
+        self._lock = threading.Lock()
+        self._seeds = itertools.count(1)
+        self._thread = threading.Thread(target=self._loop, name="fasttrack-batcher", daemon=True)
+        self.batches: deque[int] = deque(maxlen=4096)  # rows of the latest batches run
+
+    def start(self) -> Batcher:
+        from fasttrack.lib.adapters import disable_cpu_bf16_repack
+
+        disable_cpu_bf16_repack(self.model)
+        self.model.eval()
+        self._thread.start()
+        return self
+
+    @property
+    def in_flight(self) -> int:
+        return self._count
+
+    def submit(self, req: Request) -> Future:
+        with self._lock:
+            if self._count >= self.max_pending:
+                raise Busy(f"server busy: {self._count} requests in flight; retry later")
+            self._count += 1
+        req.future.add_done_callback(self._finished)
+        self._queue.put(req)
+        return req.future
+
+    def _finished(self, _: Future) -> None:
+        with self._lock:
+            self._count -= 1
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what was submitted, then end the worker."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _take(self, block: bool) -> bool:
+        """Move queued requests to pending; False once `stop` was called and all is drained."""
+        try:
+            item = self._queue.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            if item is None:
+                self._stopping = True
+            else:
+                self._pending.append(item)
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _loop(self) -> None:
+        self._stopping = False
+        while True:
+            self._take(block=not self._pending and not self._stopping)
+            if not self._pending:
+                if self._stopping:
+                    return
+                continue
+            # Let requests sent together arrive together; under load (the last batch was
+            # shared) wait longer, for the clients just answered to send their next request.
+            busy = bool(self.batches) and self.batches[-1] > 1
+            time.sleep(self.window_s * (6 if busy else 1))
+            self._take(block=False)
+            batch = self._next_batch()
+            try:
+                results = self._run(batch)
+            except Exception as exc:  # a failed batch fails its requests, not the server
+                for req in batch:
+                    if not req.future.done():
+                        req.future.set_exception(exc)
+                continue
+            for req, completions in zip(batch, results, strict=True):
+                req.future.set_result(completions)
+
+    def _next_batch(self) -> list[Request]:
+        """The oldest request plus younger ones of its group, up to max_batch rows."""
+        group = self._pending[0].group()
+        batch, rest, rows = [], [], 0
+        for req in self._pending:
+            if req.cancelled.is_set():
+                req.future.set_result([])
+            elif req.group() == group and (not batch or rows + req.n <= self.max_batch):
+                batch.append(req)
+                rows += req.n
+            else:
+                rest.append(req)
+        self._pending = rest
+        return batch
+
+    @torch.inference_mode()
+    def _run(self, batch: list[Request]) -> list[list[Completion]]:
+        if not batch:
+            return []
+        rows = [_Row(r, c, self.tok, self.eos) for r in batch for c in range(r.n)]
+        width = max(len(r.req.ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row.req.ids)
+            ids[i, width - n :] = torch.tensor(row.req.ids, dtype=torch.long)
+            mask[i, width - n :] = 1
+        g = batch[0].g.model_copy(update={"max_new_tokens": max(r.g.max_new_tokens for r in batch)})
+        kwargs = generation_kwargs(g, self.tok)
+        if g.strategy != "beam":  # beam search keeps its own hypotheses; the budget is enough
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_PerRow(rows, width)])
+        seed = batch[0].seed if batch[0].seed is not None else next(self._seeds)
+        torch.manual_seed(seed)
+        device = next(self.model.parameters()).device
+        out = self.model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs
+        )
+        self.batches.append(len(rows))
+        if g.strategy == "beam":
+            for row, seq in zip(rows, out[:, width:].tolist(), strict=True):
+                for t in seq:
+                    if row.step(t):
+                        break
+        results: list[list[Completion]] = [[] for _ in batch]
+        index = {id(r): i for i, r in enumerate(batch)}
+        for row in rows:
+            results[index[id(row.req)]].append(row.result())
+        return results
