@@ -9,6 +9,7 @@
     fasttrack deploy | worker --queue gpu | zombies   # scheduled runs on a Prefect server
     fasttrack verify [--store artifacts] [--no-quarantine]   # re-hash every artifact
     fasttrack gc --older-than 7d [--dry-run] [--store artifacts]
+    fasttrack export [CONFIG] --format gguf-q8_0 --format merged [--model sft|KEY]
 
 Without PREFECT_API_URL the flow runs on Prefect's ephemeral local API; with a server set, the
 same command shows up in the Prefect UI.
@@ -146,6 +147,8 @@ def run(
         console.print(metrics_table(summary.table))
     if summary.retrieval:
         console.print(metrics_table(summary.retrieval, title="retrieval (held-out questions)"))
+    if summary.exports:
+        console.print(metrics_table(summary.exports, title="exports"))
 
 
 @app.command()
@@ -247,7 +250,7 @@ def zombies() -> None:
 def metrics_table(rows: list[dict], title: str = "evaluation (held-out data)") -> Table:
     table = Table(title=title)
     for col in rows[0]:
-        left = col in ("model", "eval_key", "retrieval")
+        left = col in ("model", "eval_key", "retrieval", "format", "export_key")
         table.add_column(col, justify="left" if left else "right")
     for row in rows:
         table.add_row(*(_fmt(v) for v in row.values()))
@@ -378,6 +381,39 @@ def collect_garbage(
         console.print(f"skipped {busy}: in use (locked)")
     console.print(f"{verb} {len(result.removed)} artifact(s), {_human(result.freed)}; "
                   f"kept {result.kept} referenced")  # fmt: skip
+
+
+@app.command("export")
+def export(
+    config: Annotated[
+        str | None, typer.Argument(help="Run config YAML of the run (default: tiny-cpu)")
+    ] = None,
+    format_: Annotated[
+        list[str] | None,
+        typer.Option("--format", help="merged, bnb-8bit, bnb-4bit, gguf-f16, gguf-q8_0"),
+    ] = None,
+    model: Annotated[
+        str, typer.Option(help="newest, dpo, sft, pretrain, base, or a model artifact key")
+    ] = "",
+    force: Annotated[bool, typer.Option(help="Re-export even if cached")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override KEY=VALUE")] = None,
+) -> None:
+    """Export a trained model of the run (config `export.*`); one cached artifact per format."""
+    from flows.export import ExportParams, export_flow, resolve
+
+    params = ExportParams(config=config, formats=_split(format_), model=model,
+                          overrides=_split(set_), force=force)  # fmt: skip
+    try:
+        resolve(params)  # fail fast, before Prefect starts
+        _quiet_prefect_tracebacks()
+        start_ephemeral_api()
+        summary = export_flow(params)
+    except FastTrackError as exc:
+        _fail(exc)
+    out = console if console.is_terminal else Console(width=max(console.width, 200))
+    steps = ", ".join(f"{s.step} {s.status}" for s in summary.steps)
+    out.print(f"run {summary.name}: {steps}", soft_wrap=True)
+    out.print(metrics_table(summary.exports, title=f"exports (store {summary.store})"))
 
 
 def main() -> None:  # pragma: no cover - console script entry

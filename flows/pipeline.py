@@ -17,6 +17,7 @@ from tasks.data import data_task
 from tasks.dpo import dpo_ref_task, dpo_task
 from tasks.errors import ConfigError
 from tasks.evaluate import evaluate_task
+from tasks.export import export_target, export_task, publish_exports
 from tasks.gates import enforce_gates
 from tasks.generate import MODEL_ORDER, run_models
 from tasks.models import base_task
@@ -28,7 +29,8 @@ from tasks.run_report import publish_report, report_task
 from tasks.sft import sft_task
 from tasks.store import ArtifactRef
 
-STEPS = ("data", "base", "pack", "pretrain", "sft", "dpo_ref", "dpo", "rag", "evaluate", "report")
+STEPS = ("data", "base", "pack", "pretrain", "sft", "dpo_ref", "dpo", "rag", "evaluate", "report",
+         "export")  # fmt: skip
 MODEL_CHAIN = tuple(reversed(MODEL_ORDER))  # base, pretrain, sft, dpo
 AVAILABLE = ("data", "pretrain", "sft", "dpo", "rag", "evaluate")
 
@@ -75,8 +77,8 @@ def trained_models(
 
 @flow(name="fasttrack-pipeline")
 def pipeline(params: PipelineParams | None = None) -> RunSummary:
-    """data -> base -> pack -> pretrain -> sft -> dpo_ref -> dpo -> evaluate(every model);
-    rag (data -> index) runs concurrently with the training chain."""
+    """data -> base -> pack -> pretrain -> sft -> dpo_ref -> dpo -> evaluate(every model) ->
+    gates -> export (export.formats); rag (data -> index) runs concurrently with training."""
     params = params or PipelineParams()
     check_params(params)
     cfg = load_config(params.config, params.overrides)
@@ -96,7 +98,7 @@ def pipeline(params: PipelineParams | None = None) -> RunSummary:
         ref = run(dpo_ref_task, cfg, start, models["sft"], data)
         models["dpo"] = run(dpo_task, cfg, start, models["sft"], ref, data)
     rag = run.collect(index) if index else None
-    table = []
+    table, exports = [], []
     if "evaluate" in wanted:
         models = trained_models(cfg, data, models)
         with eval_runner(cfg.compute) as runner:  # threads, or Dask workers (compute.*)
@@ -115,10 +117,16 @@ def pipeline(params: PipelineParams | None = None) -> RunSummary:
         publish_table(table, cfg.name)
         publish_report(cfg, run(report_task, cfg, evals, models, rag))
         enforce_gates(cfg, table, models)  # a failed gate fails the run, naming it
+        if cfg.export.formats:  # only what passed the gates is exported
+            target = export_target(cfg, models)
+            refs = [run(export_task, cfg, target, data, f, label=f"export:{f}")
+                    for f in cfg.export.formats]  # fmt: skip
+            exports = publish_exports(refs, cfg.name)
     retrieval = retrieval_table(rag) if rag else []
     return RunSummary(
-        name=cfg.name, store=str(cfg.store), steps=run.steps, table=table, retrieval=retrieval
-    )
+        name=cfg.name, store=str(cfg.store), steps=run.steps, table=table, retrieval=retrieval,
+        exports=exports,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ class RunSummary(BaseModel):
     steps: list[StepRecord]
     table: list[dict[str, Any]]
     retrieval: list[dict[str, Any]] = []
+    exports: list[dict[str, Any]] = []
 
     @property
     def executed(self) -> list[str]:
