@@ -16,7 +16,7 @@ from tasks.store import ArtifactStore
 from tests.conftest import tiny_config_dict, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
-STAGES = ["data", "pretrain", "sft", "evaluate"]
+STAGES = ["data", "sft", "evaluate"]  # SFT on the base: an adapter to merge, no pretraining
 PROMPT = "Assignment statements"
 
 
@@ -25,9 +25,15 @@ def run(tmp_path_factory: pytest.TempPathFactory, prefect_harness):
     tmp = tmp_path_factory.mktemp("export")
     cfg = tiny_config_dict(
         tmp / "store",
+        sft={"max_steps": 10},
+        compute={"isolate": False},  # no child process per training stage: faster here
         dpo={"enabled": False},
         rag={"enabled": False},
-        evaluate={"generation_rows": 0},
+        evaluate={
+            "generation_rows": 0,
+            "answers": {"max_rows": 8, "max_length": 128},
+            "perplexity": {"max_length": 64, "stride": 32, "max_tokens": 1500},
+        },
         export={"formats": list(FORMATS), "speed_tokens": 8, "prompt": PROMPT},
     )
     path = write_config(tmp / "c.yaml", cfg)
