@@ -33,7 +33,7 @@ from tasks.perplexity import strided_perplexity
 from tasks.stage import BuildResult, StageSpec, run_stage, stage_task
 from tasks.store import ArtifactRef, ArtifactStore
 
-VERSION = "1"
+VERSION = "1"  # bump when this module or tasks/gguf_export.py changes what it writes
 FORMATS = ("merged", "bnb-8bit", "bnb-4bit", "gguf-f16", "gguf-q8_0")
 # Largest |logit - merged logit| / max |merged logit| on the fixed prompt a GGUF may show: f16
 # rounding alone, and q8_0's 8-bit blocks (tests/unit/test_gguf_export.py also checks both are
@@ -156,12 +156,14 @@ def build_export(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     model_ref = spec.upstream["model"]
     dtype = base_dtype(cfg, model_ref)
     merged, tok = load_model(cfg, model_ref, dtype=torch.float32)  # merge in fp32, then cast
-    merged = merged.to(dtype).eval()
     work = store.work_dir("export", spec.key)
     merged_dir = work / "merged"
     shutil.rmtree(merged_dir, ignore_errors=True)
-    merged.save_pretrained(merged_dir)
+    merged.to(dtype).save_pretrained(merged_dir)
     tok.save_pretrained(merged_dir)
+    # The reference every format is compared with: the merged model as a user loads it (the
+    # in-memory one would also have its fp32 rotary buffers cast to the base dtype).
+    merged, tok = load_export("merged", merged_dir)
     write_export(fmt, merged, tok, merged_dir, out)
     size = dir_size(out)
 
