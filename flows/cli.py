@@ -148,7 +148,7 @@ def run(
     if summary.retrieval:
         console.print(metrics_table(summary.retrieval, title="retrieval (held-out questions)"))
     if summary.exports:
-        console.print(metrics_table(summary.exports, title="exports"))
+        _wide().print(metrics_table(summary.exports, title="exports"))
 
 
 @app.command()
@@ -410,10 +410,15 @@ def export(
         summary = export_flow(params)
     except FastTrackError as exc:
         _fail(exc)
-    out = console if console.is_terminal else Console(width=max(console.width, 200))
+    out = _wide()
     steps = ", ".join(f"{s.step} {s.status}" for s in summary.steps)
     out.print(f"run {summary.name}: {steps}", soft_wrap=True)
     out.print(metrics_table(summary.exports, title=f"exports (store {summary.store})"))
+
+
+def _wide() -> Console:
+    """stdout, not cut to 80 columns when piped (rich's fallback width)."""
+    return console if console.is_terminal else Console(width=max(console.width, 200))
 
 
 def main() -> None:  # pragma: no cover - console script entry
