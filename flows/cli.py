@@ -10,6 +10,7 @@
     fasttrack deploy | worker --queue gpu | zombies   # scheduled runs on a Prefect server
     fasttrack verify [--store artifacts] [--no-quarantine]   # re-hash every artifact
     fasttrack gc --older-than 7d [--dry-run] [--store artifacts]
+    fasttrack export [CONFIG] --format gguf-q8_0 --format merged [--model sft|KEY]
 
 Without PREFECT_API_URL the flow runs on Prefect's ephemeral local API; with a server set, the
 same command shows up in the Prefect UI.
@@ -186,6 +187,8 @@ def run(
         show(rich_table(summary.retrieval, title="retrieval (held-out questions)"))
     if summary.report:
         console.print(f"report: {summary.report}", soft_wrap=True, highlight=False)
+    if summary.exports:
+        show(rich_table(summary.exports, title="exports"))
 
 
 @app.command()
@@ -368,7 +371,7 @@ def zombies() -> None:
 def rich_table(rows: list[dict], title: str = "evaluation (held-out data)") -> Table:
     table = Table(title=title)
     for col in rows[0]:
-        left = col in ("model", "eval_key", "retrieval", "small_n")
+        left = col in ("model", "eval_key", "retrieval", "small_n", "format", "export_key")
         table.add_column(col, justify="left" if left else "right")
     for row in rows:
         table.add_row(*(_fmt(v) for v in row.values()))
@@ -512,6 +515,38 @@ def collect_garbage(
         console.print(f"skipped {busy}: in use (locked)")
     console.print(f"{verb} {len(result.removed)} artifact(s), {_human(result.freed)}; "
                   f"kept {result.kept} referenced")  # fmt: skip
+
+
+@app.command("export")
+def export(
+    config: Annotated[
+        str | None, typer.Argument(help="Run config YAML of the run (default: tiny-cpu)")
+    ] = None,
+    format_: Annotated[
+        list[str] | None,
+        typer.Option("--format", help="merged, bnb-8bit, bnb-4bit, gguf-f16, gguf-q8_0"),
+    ] = None,
+    model: Annotated[
+        str, typer.Option(help="newest, dpo, sft, pretrain, base, or a model artifact key")
+    ] = "",
+    force: Annotated[bool, typer.Option(help="Re-export even if cached")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override KEY=VALUE")] = None,
+) -> None:
+    """Export a trained model of the run (config `export.*`); one cached artifact per format."""
+    from flows.export import ExportParams, export_flow, resolve
+
+    params = ExportParams(config=config, formats=_split(format_), model=model,
+                          overrides=_split(set_), force=force)  # fmt: skip
+    try:
+        resolve(params)  # fail fast, before Prefect starts
+        _quiet_prefect_tracebacks()
+        start_ephemeral_api()
+        summary = export_flow(params)
+    except FastTrackError as exc:
+        _fail(exc)
+    steps = ", ".join(f"{s.step} {s.status}" for s in summary.steps)
+    console.print(f"run {summary.name}: {steps}", soft_wrap=True, highlight=False)
+    show(rich_table(summary.exports, title=f"exports (store {summary.store})"))
 
 
 if __name__ == "__main__":

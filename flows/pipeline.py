@@ -25,13 +25,15 @@ from tasks.base import base_task
 from tasks.data import data_task
 from tasks.dpo import dpo_ref_task, dpo_task
 from tasks.evaluate import evaluate_task
+from tasks.export import export_target, export_task, publish_exports
 from tasks.pack import pack_task
 from tasks.pretrain import pretrain_task
 from tasks.rag import rag_task
 from tasks.report import publish_report, report_task
 from tasks.sft import sft_task
 
-STEPS = ("data", "base", "pack", "pretrain", "sft", "dpo_ref", "dpo", "rag", "evaluate", "report")
+STEPS = ("data", "base", "pack", "pretrain", "sft", "dpo_ref", "dpo", "rag", "evaluate", "report",
+         "export")  # fmt: skip
 CHAIN_TASKS = {  # the model chain's steps (their order and upstreams: fasttrack/lib/chain.py)
     "base": base_task, "pack": pack_task, "pretrain": pretrain_task,
     "sft": sft_task, "dpo_ref": dpo_ref_task, "dpo": dpo_task,
@@ -76,8 +78,8 @@ def trained_models(
 
 @flow(name="fasttrack-pipeline")
 def pipeline(params: PipelineParams | None = None) -> RunSummary:
-    """data -> base -> pack -> pretrain -> sft -> dpo_ref -> dpo -> evaluate(every model);
-    rag (data -> index) runs concurrently with the training chain."""
+    """data -> base -> pack -> pretrain -> sft -> dpo_ref -> dpo -> evaluate(every model) ->
+    gates -> export (export.formats); rag (data -> index) runs concurrently with training."""
     params = params or PipelineParams()
     check_params(params)
     cfg = load_config(params.config, params.overrides)
@@ -90,7 +92,7 @@ def pipeline(params: PipelineParams | None = None) -> RunSummary:
     if wanted - {"data", "rag"}:  # base, [pack, pretrain], sft, [dpo_ref, dpo]
         models = walk(data, lambda step, *ups: run(CHAIN_TASKS[step], cfg, *ups), wanted)
     rag = run.collect(index) if index else None
-    table = []
+    table, exports = [], []
     if "evaluate" in wanted:
         models = trained_models(cfg, data, models)
         with eval_runner(cfg.compute) as runner:  # threads, or Dask workers (compute.*)
@@ -111,10 +113,16 @@ def pipeline(params: PipelineParams | None = None) -> RunSummary:
         publish_report(cfg, report_ref)
         report = str(ArtifactStore(cfg.store).local_path(report_ref) / "report.md")
         enforce_gates(cfg, table, models)  # a failed gate fails the run, naming it
+        if cfg.export.formats:  # only what passed the gates is exported
+            target = export_target(cfg, models)
+            refs = [run(export_task, cfg, target, data, f, label=f"export:{f}")
+                    for f in cfg.export.formats]  # fmt: skip
+            exports = publish_exports(refs, cfg.name)
     retrieval = retrieval_table(rag) if rag else []
     return RunSummary(
         name=cfg.name, store=str(cfg.store), steps=run.steps, table=table, retrieval=retrieval,
         report=report,
+        exports=exports,
     )  # fmt: skip
 
 

@@ -29,6 +29,7 @@ class RunSummary(BaseModel):
     steps: list[StepRecord]
     table: list[dict[str, Any]]
     retrieval: list[dict[str, Any]] = []
+    exports: list[dict[str, Any]] = []
     report: str | None = None  # path of this run's report.md, when evaluate ran
 
     @property

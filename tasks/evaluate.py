@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from fasttrack.core import faultpoint
 from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import ModelError
@@ -21,7 +19,7 @@ from fasttrack.core.store import ArtifactRef, ArtifactStore
 from fasttrack.lib.datasets import has_kind, read_split
 from fasttrack.lib.generate import generate
 from fasttrack.lib.models import load_model, max_positions, pick_device
-from fasttrack.lib.perplexity import strided_perplexity
+from fasttrack.lib.perplexity import strided_perplexity, token_stream
 from fasttrack.lib.scoring import completion_loss, preference_accuracy
 from fasttrack.lib.textmetrics import bleu, rouge
 
@@ -39,24 +37,6 @@ def eval_spec(
         config["rag"] = {"mode": cfg.rag.mode, "top_k": cfg.rag.top_k}
         upstream["rag"] = rag
     return STAGE.spec(config, upstream=upstream)
-
-
-def token_stream(texts: list[str], tokenizer, max_tokens: int | None) -> tuple[torch.Tensor, int]:
-    """(ids of whole documents, each [BOS +] text + EOS, up to max_tokens; UTF-8 bytes of those
-    documents). BOS as in packing: where the tokenizer starts texts with one."""
-    from fasttrack.core.templates import document_bos
-
-    head = [] if (bos := document_bos(tokenizer)) is None else [bos]
-    ids: list[int] = []
-    n_bytes = 0
-    for text in texts:
-        body = tokenizer(text, add_special_tokens=False)["input_ids"]
-        doc = head + body + [tokenizer.eos_token_id]
-        if max_tokens and ids and len(ids) + len(doc) > max_tokens:
-            break
-        ids.extend(doc[:max_tokens] if max_tokens else doc)
-        n_bytes += len(text.encode("utf-8"))
-    return torch.tensor(ids, dtype=torch.long), n_bytes
 
 
 def answer_metrics(cfg: RunConfig, store: ArtifactStore, data: ArtifactRef, model, tok) -> dict:

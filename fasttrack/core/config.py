@@ -362,6 +362,33 @@ class EvaluateConfig(Section):
         return self
 
 
+ExportFormat = Literal["merged", "bnb-8bit", "bnb-4bit", "gguf-f16", "gguf-q8_0"]
+
+
+class ExportConfig(Section):
+    """Exports of the run's model after the gates pass (tasks/export.py); empty = none."""
+
+    formats: list[ExportFormat] = Field(
+        [],
+        description="Any of merged, bnb-8bit, bnb-4bit, gguf-f16, gguf-q8_0; one cached "
+        "artifact per format.",
+    )
+    model: Literal["newest", "dpo", "sft", "pretrain", "base"] = Field(
+        "newest", description="Which model of the run to export (newest: DPO > SFT > ...)."
+    )
+    prompt: str = Field(
+        "The quick brown fox", min_length=1, description="Logit check and speed prompt."
+    )
+    speed_tokens: int = Field(32, gt=0, description="Tokens generated to measure tokens/s.")
+
+    @field_validator("formats")
+    @classmethod
+    def _unique(cls, formats: list[str]) -> list[str]:
+        if len(set(formats)) != len(formats):
+            raise ValueError("formats: a format is listed twice")
+        return formats
+
+
 class StoreConfig(Section):
     """Where artifacts live (a plain string is shorthand for `url`); see store_remote.py."""
 
@@ -406,6 +433,7 @@ class RunConfig(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     generation: GenerationConfig = GenerationConfig()
     compute: ComputeConfig = ComputeConfig()
+    export: ExportConfig = ExportConfig()
     _source: str | None = PrivateAttr(None)  # the config file, for `file:line` in errors
 
     @model_validator(mode="after")

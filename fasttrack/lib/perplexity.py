@@ -171,3 +171,21 @@ def strided_perplexity(
         stride=stride,
         windows=len(windows),
     )
+
+
+def token_stream(texts: list[str], tokenizer, max_tokens: int | None) -> tuple[torch.Tensor, int]:
+    """(ids of whole documents, each [BOS +] text + EOS, up to max_tokens; UTF-8 bytes of those
+    documents). BOS as in packing: where the tokenizer starts texts with one."""
+    from fasttrack.core.templates import document_bos
+
+    head = [] if (bos := document_bos(tokenizer)) is None else [bos]
+    ids: list[int] = []
+    n_bytes = 0
+    for text in texts:
+        body = tokenizer(text, add_special_tokens=False)["input_ids"]
+        doc = head + body + [tokenizer.eos_token_id]
+        if max_tokens and ids and len(ids) + len(doc) > max_tokens:
+            break
+        ids.extend(doc[:max_tokens] if max_tokens else doc)
+        n_bytes += len(text.encode("utf-8"))
+    return torch.tensor(ids, dtype=torch.long), n_bytes
