@@ -1,6 +1,6 @@
 """Two `fasttrack run`s of one config started together, sharing one PREFECT_HOME (as a user's
 two terminals do): both start Prefect's ephemeral API on the same SQLite DB (its startup is
-serialised by the CLI, see `flows.cli.start_ephemeral_api`), every key is built once, the other
+serialised by the CLI, see `flows.cli_common.start_ephemeral_api`), every key is built once, the other
 run waits on the key's lock and reuses it, and both finish with the same keys."""
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def test_two_runs_at_once_build_each_key_once(tmp_path: Path) -> None:
 
 _START = """
 import sys, time
-from flows.cli import start_ephemeral_api
+from flows.cli_common import start_ephemeral_api
 from prefect import flow
 while time.time() < float(sys.argv[1]):  # both processes start their server in the same ms
     time.sleep(0.001)
