@@ -1,7 +1,7 @@
 """Two `fasttrack run`s of one config started together, sharing one PREFECT_HOME (as a user's
 two terminals do): both start Prefect's ephemeral API on the same SQLite DB (its startup is
-serialised by the CLI, see `flows.cli_common.start_ephemeral_api`), every key is built once, the other
-run waits on the key's lock and reuses it, and both finish with the same keys."""
+serialised by the CLI, see `flows.cli_common.start_ephemeral_api`), every key is built once,
+the other run waits on the key's lock and reuses it, and both finish with the same keys."""
 
 from __future__ import annotations
 
