@@ -39,7 +39,7 @@ GOAL_RECALL, GOAL_P99_MS = 0.98, 10.0
 
 
 def embed_throughput(n_chunks: int) -> dict:
-    from fasttrack.core.config import ChunkConfig, RagConfig
+    from fasttrack.core.config_eval import ChunkConfig, RagConfig
     from fasttrack.lib.demo import DEMO_DIR
     from fasttrack.lib.retrieval import Document, Embedder, build_faiss, chunk_document
 
@@ -118,7 +118,7 @@ def latency_ms(index, queries: np.ndarray) -> tuple[np.ndarray, dict]:
 def index_bench(n: int, n_queries: int, uniform: bool) -> dict:
     import faiss
 
-    from fasttrack.core.config import RagConfig
+    from fasttrack.core.config_eval import RagConfig
 
     rag = RagConfig()
     xb, xq = synthetic(n, n_queries, uniform)

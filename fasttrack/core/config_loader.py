@@ -12,7 +12,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from fasttrack.core.config import DEFAULT_CONFIG, RunConfig, Section
+from fasttrack.core.config import DEFAULT_CONFIG, RunConfig
+from fasttrack.core.config_base import Section
 from fasttrack.core.errors import ConfigError
 
 MAX_NODES = 100_000  # values in a config, aliases expanded; a real one has a few hundred

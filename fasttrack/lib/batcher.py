@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from fasttrack.core.config import GenerationConfig
+from fasttrack.core.config_eval import GenerationConfig
 from fasttrack.core.errors import FastTrackError
 from fasttrack.lib.generate import decode_answer, generation_kwargs
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from fasttrack.core.config import GATE_RE
+from fasttrack.core.config_eval import GATE_RE
 from fasttrack.core.errors import FastTrackError, StoreError
 from fasttrack.core.store import PROMOTED, ArtifactRef, ArtifactStore
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fasttrack.core.config import GenerationConfig
+from fasttrack.core.config_eval import GenerationConfig
 
 
 def generation_kwargs(g: GenerationConfig, tok: Any, model: Any = None) -> dict[str, Any]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fasttrack.core.config import RetrievalEvalConfig, SourceConfig
+from fasttrack.core.config import SourceConfig
+from fasttrack.core.config_eval import RetrievalEvalConfig
 from fasttrack.core.errors import DataError
 from fasttrack.core.store import sha256_file
 from fasttrack.lib.sources import read_rows

@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fasttrack.core.config import RagConfig, RunConfig
+from fasttrack.core.config import RunConfig
+from fasttrack.core.config_eval import RagConfig
 from fasttrack.core.errors import ModelError, StoreError
 from fasttrack.core.log import get_logger
 from fasttrack.core.store import ArtifactRef

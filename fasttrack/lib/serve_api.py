@@ -28,7 +28,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from fasttrack.core.config import GenerationConfig, RunConfig
+from fasttrack.core.config import RunConfig
+from fasttrack.core.config_eval import GenerationConfig
 from fasttrack.lib.batcher import Batcher, Busy, Completion
 from fasttrack.lib.batcher import Request as GenRequest
 from fasttrack.lib.generate import chat_text, encode_left, prompt_room

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fasttrack.core.config import GenerationConfig
+from fasttrack.core.config_eval import GenerationConfig
 from fasttrack.lib.batcher import Batcher, Busy, Request, cut_at_stop
 from fasttrack.lib.generate import chat_text, generate
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fasttrack.core.config import GenerationConfig
+from fasttrack.core.config_eval import GenerationConfig
 from fasttrack.lib.serve_api import ApiError, ChatBody, decoding, parse
 
 

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
 
 from fasttrack.core import templates
-from fasttrack.core.config import GenerationConfig, LoraConfig
+from fasttrack.core.config import LoraConfig
+from fasttrack.core.config_eval import GenerationConfig
 from fasttrack.core.errors import ConfigError
 from fasttrack.lib.generate import generation_kwargs
 from tests.conftest import tiny_config_dict, write_config

