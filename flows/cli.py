@@ -147,8 +147,13 @@ def run(
 
     try:
         cfg = load_config(config, _split(set_))  # fail fast, before Prefect starts
-        from flows.pipeline import AVAILABLE, PipelineParams, check_params, pipeline
+        from tasks.config import STAGES
         from tasks.preflight import preflight
+
+        # before importing the flow (Prefect + every stage's libraries: most of a minute on
+        # a busy 2-core machine, benchmarks/results/preflight.json)
+        preflight(cfg, _split(stages) or list(STAGES))
+        from flows.pipeline import AVAILABLE, PipelineParams, check_params, pipeline
 
         params = PipelineParams(
             config=config,
@@ -157,7 +162,6 @@ def run(
             force=_split(force),
         )
         check_params(params)
-        preflight(cfg, params.stages)  # every input check that needs no data scan
     except FastTrackError as exc:
         _fail(exc)
     if not verbose:
