@@ -53,17 +53,21 @@ def run(
 
     try:
         cfg = load_config(config, _split(set_))  # fail fast, before Prefect starts
+        from fasttrack.core.config import STAGES
         from fasttrack.lib.preflight import preflight
-        from flows.pipeline import AVAILABLE, PipelineParams, check_params, pipeline
+
+        # before importing the flow (Prefect + every stage's libraries: most of a minute on
+        # a busy 2-core machine, benchmarks/results/preflight.json)
+        preflight(cfg, _split(stages) or list(STAGES))
+        from flows.pipeline import PipelineParams, check_params, pipeline
 
         params = PipelineParams(
             config=config,
-            stages=_split(stages) or list(AVAILABLE),
+            stages=_split(stages) or list(STAGES),
             overrides=_split(set_),
             force=_split(force),
         )
         check_params(params)
-        preflight(cfg, params.stages)  # every input check that needs no data scan
     except FastTrackError as exc:
         _fail(exc)
     if not verbose:
