@@ -192,20 +192,6 @@ def _remove(fs: Any, *paths: str) -> None:
             continue
 
 
-def orphans(store: ArtifactStore, stage: str, key: str) -> list[str]:
-    """Writer prefixes of a key that its manifest does not name (killed or losing writers):
-    litter for garbage collection; a prefix still being uploaded looks the same, so collect only
-    old ones."""
-    base = store._dir(stage, key)
-    manifest = store.read_manifest(stage, key) or {}
-    try:
-        prefixes = store.fs.ls(f"{base}/{OBJECTS}", detail=False)
-    except FileNotFoundError:
-        return []
-    keep = files_dir(base, manifest) if manifest.get(OBJECTS) else None
-    return [p.rstrip("/") for p in prefixes if p.rstrip("/") != keep]
-
-
 # ---- fetch --------------------------------------------------------------------------------
 def fetch(store: ArtifactStore, ref: ArtifactRef) -> Path:
     """Download an artifact into the local cache (sha256-verified), once per published version.

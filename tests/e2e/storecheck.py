@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fasttrack.core import store_remote
 from fasttrack.core.store import ArtifactStore
 from tests.conftest import tiny_config_dict, write_config
 
@@ -67,3 +68,17 @@ def assert_not_republished(before: dict, after: dict) -> None:
     """Everything published before is still there, untouched (nothing was published twice)."""
     changed = {k: (v, after.get(k)) for k, v in before.items() if after.get(k) != v}
     assert not changed, changed
+
+
+def orphans(store: ArtifactStore, stage: str, key: str) -> list[str]:
+    """Writer prefixes of a key that its manifest does not name (killed or losing writers):
+    litter for garbage collection; a prefix still being uploaded looks the same, so collect only
+    old ones."""
+    base = store._dir(stage, key)
+    manifest = store.read_manifest(stage, key) or {}
+    try:
+        prefixes = store.fs.ls(f"{base}/{store_remote.OBJECTS}", detail=False)
+    except FileNotFoundError:
+        return []
+    keep = store_remote.files_dir(base, manifest) if manifest.get(store_remote.OBJECTS) else None
+    return [p.rstrip("/") for p in prefixes if p.rstrip("/") != keep]

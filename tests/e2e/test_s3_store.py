@@ -26,6 +26,7 @@ from fasttrack.core.errors import StoreError
 from fasttrack.core.stage import BuildResult, StageSpec, run_stage
 from fasttrack.core.store import MANIFEST, ArtifactRef, ArtifactStore
 from tests.conftest import S3_TEST_ENV, tiny_config_dict, write_config
+from tests.e2e.storecheck import orphans
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,11 +141,11 @@ def test_writer_killed_mid_upload_leaves_nothing_complete(s3_url: str, tmp_path:
     key = _spec(3).key
     assert len(store.fs.find(_key_dir(store, key))) == 1  # the dead writer's upload is there
     assert store.read_manifest("demo", key) is None and store.lookup("demo", key) is None
-    [litter] = store_remote.orphans(store, "demo", key)
+    [litter] = orphans(store, "demo", key)
 
     ref = run_stage(store, _spec(3), lambda out: _write(out, "live", ["a.txt", "b.txt"]))
     assert not ref.reused and store.verify("demo", key) == []
-    assert store_remote.orphans(store, "demo", key) == [litter]  # litter for gc, never read
+    assert orphans(store, "demo", key) == [litter]  # litter for gc, never read
     assert all(
         (store.local_path(ref) / n).read_text().startswith("live:") for n in ("a.txt", "b.txt")
     )

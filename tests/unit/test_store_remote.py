@@ -9,6 +9,7 @@ from fasttrack.core.config_loader import load_config
 from fasttrack.core.errors import ConfigError, StoreError
 from fasttrack.core.stage import BuildResult, StageSpec, run_stage
 from fasttrack.core.store import ArtifactStore
+from tests.e2e.storecheck import orphans
 
 BASE = "data:\n  sources:\n    - {path: 'demo:pydoc_topics', format: text}\n"
 
@@ -76,5 +77,5 @@ def test_object_store_without_rename_publishes_under_a_writer_prefix(tmp_path: P
     manifest = store.read_manifest("demo", ref.key)
     assert manifest["objects"].startswith("objects/")
     assert store.fs.cat_file(f"{store.files_dir('demo', ref.key, manifest)}/a.txt") == b"hello"
-    assert store_remote.orphans(store, "demo", ref.key) == []
+    assert orphans(store, "demo", ref.key) == []
     assert (store.local_path(ref) / "a.txt").read_text() == "hello"
