@@ -109,14 +109,8 @@ def check_model(cfg: RunConfig, wanted: set[str]) -> None:
         tok = _tokenizer(cfg, hub_kwargs(cfg, m.revision))
         check_vocab(cfg, config, len(tok))
     check_lengths(cfg, config, wanted)
-    if wanted & {"sft", "dpo"}:
+    if wanted & {"sft", "dpo"}:  # (no template: the documented ChatML-on-EOS default applies)
         check_lora_targets(cfg, config)
-        if tok is not None and not (m.chat_template or tok.chat_template):
-            raise ModelError(
-                f"{where(cfg, 'model.chat_template')}: the tokenizer of {m.name_or_path} has no "
-                "chat template and sft/dpo will run: set model.chat_template (a Jinja template), "
-                "or use a chat/instruct model"
-            )
 
 
 def _tokenizer(cfg: RunConfig, kwargs: dict[str, Any]) -> Any:

@@ -110,15 +110,6 @@ def _shrink_embeddings(path: Path) -> None:
     model.save_pretrained(path)
 
 
-def _no_template(path: Path) -> None:
-    import json
-
-    (path / "chat_template.jinja").unlink(missing_ok=True)
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-
-
 def _relative_source(ctx: Ctx) -> tuple[list[str], Path]:
     """A relative source path resolves beside the config, not in the working directory."""
     sources = [{"path": "missing.jsonl", "format": "text"}]
@@ -398,11 +389,6 @@ CASES: list[Case] = [
          model_case(_shrink_embeddings),
          "…: model.name_or_path: <file>: the tokenizer has <n> tokens but the embedding matrix "
          "only <n> rows; set model.resize_embeddings: true to grow it (…)", "base"),
-    Case("model-no-template", "model", "no chat template, and SFT will run",
-         model_case(_no_template, "sft"),
-         "…: model.chat_template: the tokenizer of <file> has no chat template and sft/dpo "
-         "will run: set model.chat_template (a Jinja template), or use a chat/instruct model",
-         "base"),
     Case("model-lora-target-missing", "model", "`sft.lora.target_modules` names no module",
          model_case(lambda p: None, "sft", {"sft": {"lora": {"target_modules": ["c_attn"]}}}),
          "…: sft.lora.target_modules: c_attn name no Linear module of the model; its Linear "

@@ -118,9 +118,11 @@ def test_lora_targets_must_exist(tmp_path: Path, tiny_model_dir: Path) -> None:
         preflight(bad, ["sft"])
 
 
-def test_chat_template_needed_only_when_sft_or_dpo_runs(
+def test_model_without_chat_template_passes_preflight_with_the_default(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
+    """No template in the model or the config is not an error: the base stage applies the
+    documented ChatML-on-EOS default (fasttrack/core/templates.py), so SFT/DPO can run."""
     path = tmp_path / "model"
     shutil.copytree(tiny_model_dir, path)
     (path / "chat_template.jinja").unlink(missing_ok=True)
@@ -129,10 +131,9 @@ def test_chat_template_needed_only_when_sft_or_dpo_runs(
     (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     cfg = _model_cfg(tmp_path, path)
     preflight(cfg, ["data", "pretrain", "evaluate"])
-    with pytest.raises(ModelError, match="has no chat template and sft/dpo will run"):
-        preflight(cfg, ["sft"])
-    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    preflight(_model_cfg(tmp_path, path, model={"chat_template": template}), ["sft"])
+    preflight(cfg, ["sft"])
+    with pytest.raises(ConfigError, match="chat_template"):
+        _model_cfg(tmp_path, path, model={"chat_template": "no-such-template"})
 
 
 def test_missing_model_dir_is_not_called_a_hub_id(tmp_path: Path) -> None:
