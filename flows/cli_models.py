@@ -44,6 +44,7 @@ def ask(
 ) -> None:
     """Answer from the run's RAG index with its newest model (DPO > SFT > pretrain); says why
     newer ones are missing. The untrained base model only with --model base."""
+    import tasks  # noqa: F401  (registers every stage: the model chain computes their keys)
     from fasttrack.core.config_loader import load_config
     from fasttrack.lib.ask import answer
 
@@ -117,6 +118,7 @@ def serve(
             raise FastTrackError("serve: --max-batch and --max-pending must be at least 1")
         key = _api_key(api_key_env)
         cfg = load_config(config, _split(set_))
+        import tasks  # noqa: F401  (registers every stage: the model chain computes their keys)
         from fasttrack.lib.serve_run import load_served, run_server
 
         served = load_served(cfg, model, rag=rag, api_key=key, max_batch=max_batch,
