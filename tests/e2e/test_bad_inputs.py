@@ -7,6 +7,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+# Prefect binds its log handlers to the streams of the process's first `import prefect.main`: do
+# it here, not inside a CliRunner invocation whose stderr is closed afterwards (`run` now
+# imports Prefect only after the preflight checks).
+import prefect.main  # noqa: E402, F401, I001
 import pytest
 from typer.testing import CliRunner
 
