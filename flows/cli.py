@@ -34,6 +34,7 @@ from flows.cli_common import (
     err,
     rich_table,
     show,
+    split_overrides,
     start_ephemeral_api,
 )
 
@@ -52,7 +53,7 @@ def run(
     from fasttrack.core.config_loader import load_config
 
     try:
-        cfg = load_config(config, _split(set_))  # fail fast, before Prefect starts
+        cfg = load_config(config, split_overrides(set_))  # fail fast, before Prefect starts
         from fasttrack.core.config import STAGES
         from fasttrack.lib.preflight import preflight
 
@@ -64,7 +65,7 @@ def run(
         params = PipelineParams(
             config=config,
             stages=_split(stages) or list(STAGES),
-            overrides=_split(set_),
+            overrides=split_overrides(set_),
             force=_split(force),
         )
         check_params(params)
@@ -116,7 +117,7 @@ def plan(
     from fasttrack.lib.preflight import preflight
 
     try:
-        cfg = load_config(config, _split(set_))
+        cfg = load_config(config, split_overrides(set_))
         preflight(cfg, STAGES)
         if gpu_mem:
             mem, device = parse_size(gpu_mem), "--gpu-mem"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,25 @@ app = typer.Typer(
 
 def _split(values: list[str] | None) -> list[str]:
     return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
+
+
+_NEXT_KEY = re.compile(r"\s*[A-Za-z_][\w.-]*\s*=")
+
+
+def split_overrides(values: list[str] | None) -> list[str]:
+    """`--set` items: one KEY=VALUE each, and `a=1,b=2` as two; a comma splits only at bracket
+    depth 0 and before another `key=`, so YAML values keep theirs (`export.formats=[merged,
+    gguf-f16]`, `data.sources[0].path=a,b.txt`)."""
+    out: list[str] = []
+    for item in values or []:
+        depth, start = 0, 0
+        for i, ch in enumerate(item):
+            depth += (ch in "[{") - (ch in "]}")
+            if ch == "," and depth <= 0 and _NEXT_KEY.match(item, i + 1):
+                out.append(item[start:i])
+                start = i + 1
+        out.append(item[start:])
+    return [v.strip() for v in out if v.strip()]
 
 
 class _HideUserErrorTracebacks(logging.Filter):

@@ -20,6 +20,7 @@ from flows.cli_common import (
     err,
     rich_table,
     show,
+    split_overrides,
     start_ephemeral_api,
 )
 
@@ -57,7 +58,7 @@ def ask(
 
             result = ask_server(server, question, _api_key(api_key_env))
         else:
-            cfg = load_config(config, _split(set_))
+            cfg = load_config(config, split_overrides(set_))
             result = answer(cfg, question, k=k, mode=mode, model=model)
     except FastTrackError as exc:
         _fail(exc)
@@ -117,7 +118,7 @@ def serve(
         if max_batch < 1 or max_pending < 1:
             raise FastTrackError("serve: --max-batch and --max-pending must be at least 1")
         key = _api_key(api_key_env)
-        cfg = load_config(config, _split(set_))
+        cfg = load_config(config, split_overrides(set_))
         import tasks  # noqa: F401  (registers every stage: the model chain computes their keys)
         from fasttrack.lib.serve_run import load_served, run_server
 
@@ -149,7 +150,7 @@ def export(
     from flows.export import ExportParams, export_flow, resolve
 
     params = ExportParams(config=config, formats=_split(format_), model=model,
-                          overrides=_split(set_), force=force)  # fmt: skip
+                          overrides=split_overrides(set_), force=force)  # fmt: skip
     try:
         resolve(params)  # fail fast, before Prefect starts
         _quiet_prefect_tracebacks()
