@@ -41,6 +41,36 @@ def generation_kwargs(g: GenerationConfig, tok: Any, model: Any = None) -> dict[
     return kwargs
 
 
+class PadAwareRepetitionPenalty:
+    """transformers' repetition penalty, blind to left padding: stock `generate` penalises every
+    id in `input_ids`, pads included, so a batched prompt beside a longer one had its pad id
+    (often EOS) penalised and answered differently than alone."""
+
+    def __init__(self, penalty: float, pads: torch.Tensor) -> None:
+        self.penalty, self.pads = penalty, pads  # pads: left-pad count per row
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        pads = self.pads.to(input_ids.device)
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        first = input_ids.gather(1, pads.clamp(max=input_ids.shape[1] - 1)[:, None])
+        ids = torch.where(pos[None, :] >= pads[:, None], input_ids, first)  # pads -> a real id
+        score = scores.gather(1, ids)
+        score = torch.where(score < 0, score * self.penalty, score / self.penalty)
+        return scores.scatter(1, ids, score)
+
+
+def unpadded_penalty(kwargs: dict[str, Any], attention_mask: torch.Tensor) -> dict[str, Any]:
+    """`kwargs` with the repetition penalty applied only to real tokens of a left-padded batch."""
+    penalty = kwargs.get("repetition_penalty", 1.0)
+    if penalty == 1.0 or bool(attention_mask.all()):
+        return kwargs
+    from transformers import LogitsProcessorList
+
+    pads = (attention_mask == 0).sum(dim=1)
+    processor = PadAwareRepetitionPenalty(float(penalty), pads)
+    return kwargs | {"repetition_penalty": 1.0, "logits_processor": LogitsProcessorList([processor])}
+
+
 def chat_text(tok: Any, messages: list[dict[str, str]]) -> str:
     """The model's chat template over `messages`, ending with the assistant cue."""
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -88,6 +118,8 @@ def generate(
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     model.eval()
-    out = model.generate(**batch.to(device), **generation_kwargs(g, tok, model))
+    batch = batch.to(device)
+    kwargs = unpadded_penalty(generation_kwargs(g, tok, model), batch["attention_mask"])
+    out = model.generate(**batch, **kwargs)
     new = out[:, batch["input_ids"].shape[1] :]
     return [decode_answer(tok, ids) for ids in new]
