@@ -67,8 +67,8 @@ def unpadded_penalty(kwargs: dict[str, Any], attention_mask: torch.Tensor) -> di
     from transformers import LogitsProcessorList
 
     pads = (attention_mask == 0).sum(dim=1)
-    processor = PadAwareRepetitionPenalty(float(penalty), pads)
-    return kwargs | {"repetition_penalty": 1.0, "logits_processor": LogitsProcessorList([processor])}
+    processors = LogitsProcessorList([PadAwareRepetitionPenalty(float(penalty), pads)])
+    return kwargs | {"repetition_penalty": 1.0, "logits_processor": processors}
 
 
 def chat_text(tok: Any, messages: list[dict[str, str]]) -> str:
