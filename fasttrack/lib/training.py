@@ -11,6 +11,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -147,6 +148,12 @@ def last_checkpoint(work: Path) -> tuple[str | None, int]:
 
 
 FULL_BELOW = 1 << 20  # bytes free under which a failed write is taken for a full disk
+# how torch's zip writer and safetensors word a failed write (neither raises OSError(ENOSPC))
+_WRITE_FAILURE = re.compile(
+    r"file write failed|unexpected pos|PytorchStreamWriter|SafetensorError|serializ|"
+    r"StorageFull|No space left|os error 28",
+    re.IGNORECASE,
+)
 
 
 @contextmanager
@@ -159,14 +166,16 @@ def disk_full_is_oserror(work: Path, out: Path) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        full = [p for p in (work, out) if p.is_dir() and shutil.disk_usage(p).free < FULL_BELOW]
         chain, e = [], exc
         while e is not None and len(chain) < 20:
             chain.append(e)
             e = e.__cause__ or e.__context__
-        if not full and not any(
+        enospc = any(
             isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain
-        ):
+        )
+        writing = any(_WRITE_FAILURE.search(f"{type(e).__name__}: {e}") for e in chain)
+        full = [p for p in (work, out) if p.is_dir() and shutil.disk_usage(p).free < FULL_BELOW]
+        if not enospc and not (writing and full):  # a bug on a nearly full disk stays a bug
             raise
         torn = sorted(work.glob("checkpoint-*"), key=lambda p: p.stat().st_mtime)
         last_checkpoint(work)  # removes the half-written checkpoint
