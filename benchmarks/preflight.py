@@ -42,6 +42,7 @@ def main() -> None:
     args = parser.parse_args()
     cases = [c for c in CASES if c.id not in SCAN_OR_FLOW and (not args.only or c.id in args.only)]
     results = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         model = make_tiny_model(Path(tmp) / "model")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": f"{tmp}/prefect",
@@ -73,7 +74,14 @@ def main() -> None:
         "all_exit_2_one_matching_line": all(
             r["exit"] == 2 and r["message_matches"] for r in results
         ),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            # 1/5/15-min load averages before and after: the machine may be shared, and a
+            # loaded machine stretches import times
+            "load_avg_before": [round(x, 2) for x in load_before],
+            "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        },
         "results": results,
     }
     path = ROOT / "benchmarks" / "results" / "preflight.json"

@@ -110,14 +110,15 @@ def plan(
     """Memory/compute plan of every training stage before any GPU time is spent."""
     from fasttrack.core.config import STAGES
     from fasttrack.core.config_loader import load_config
-    from fasttrack.lib.device_info import detect_memory
-    from fasttrack.lib.planner import parse_size, render_plan
-    from fasttrack.lib.planner import plan as make_plan
     from fasttrack.lib.preflight import preflight
 
     try:
         cfg = load_config(config, _split(set_))
-        preflight(cfg, STAGES)
+        preflight(cfg, STAGES)  # before the planner imports torch: bad inputs answer in seconds
+        from fasttrack.lib.device_info import detect_memory
+        from fasttrack.lib.planner import parse_size, render_plan
+        from fasttrack.lib.planner import plan as make_plan
+
         if gpu_mem:
             mem, device = parse_size(gpu_mem), "--gpu-mem"
         else:

@@ -42,8 +42,7 @@ import torch
 
 from fasttrack.core.config import LoraConfig, RunConfig, TrainingConfig
 from fasttrack.core.errors import ModelError
-from fasttrack.lib.adapters import matches_target
-from fasttrack.lib.hub import hub_kwargs, load_error
+from fasttrack.lib.model_files import matches_target, model_config
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -51,24 +50,6 @@ if TYPE_CHECKING:
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
 HEADROOM = 0.9  # usable share of device memory: CUDA context, fragmentation, temporary buffers
 GiB = 2**30
-
-
-def model_config(cfg: RunConfig) -> Any:
-    """The transformers config of the base model (config.json only, never weights).
-
-    For `scratch`, vocab_size is `model.tokenizer.vocab_size`: the BPE trainer counts our 6
-    special tokens within it, so it is exact unless the corpus is too small to reach it."""
-    m = cfg.model
-    if m.name_or_path == "scratch":
-        from transformers import LlamaConfig
-
-        return LlamaConfig(vocab_size=m.tokenizer.vocab_size, **m.architecture.model_dump())
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(m.name_or_path, **hub_kwargs(cfg, m.revision))
-    except (OSError, ValueError, KeyError) as exc:
-        raise load_error(m.name_or_path, exc) from None
 
 
 @dataclass(frozen=True)
