@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +41,7 @@ import torch
 
 from fasttrack.core.config import LoraConfig, RunConfig, TrainingConfig
 from fasttrack.core.errors import ModelError
+from fasttrack.lib.device_info import parse_size  # noqa: F401 (re-exported)
 from fasttrack.lib.model_files import matches_target, model_config
 
 if TYPE_CHECKING:
@@ -282,21 +282,6 @@ def _verdict(stage: str, s: _Setup, total: int, gpu: int | None, mem: Any) -> st
     tried = f" even with: {'; '.join(knobs)}" if knobs else ""
     advice = "needs a bigger device, shorter sequences or a smaller model"
     return f"does not fit ({_gib(total)}){tried}: {advice}"
-
-
-def parse_size(text: str) -> int:
-    """Bytes in "24GiB", "24GB", "80G", "512MiB", "1.5TiB". KiB/MiB/GiB/TiB are powers of 2,
-    KB/MB/GB/TB powers of 10, and a bare K/M/G/T means the binary unit, as GPU memory is quoted
-    ("80G" is an 80 GiB card). A bare number (or B) is bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*", text, re.IGNORECASE)
-    if not m or (m[3] and not m[2]):
-        raise ValueError(f"not a memory size: {text!r} (e.g. 24GiB, 24GB, 80G, 512MiB)")
-    number, prefix, binary, byte = m.groups()
-    base = 1000 if byte and not binary else 1024
-    size = int(float(number) * base ** ("kmgt".index(prefix.lower()) + 1 if prefix else 0))
-    if size <= 0:
-        raise ValueError(f"not a memory size: {text!r} (must be positive)")
-    return size
 
 
 def _gib(n: float) -> str:
