@@ -56,6 +56,9 @@ def run(
         cfg = load_config(config, split_overrides(set_))  # fail fast, before Prefect starts
         from fasttrack.core.config import STAGES
         from fasttrack.lib.preflight import preflight
+        from flows.steps import check_names
+
+        check_names(_split(stages), _split(force))
 
         # before importing the flow (Prefect + every stage's libraries: most of a minute on
         # a busy 2-core machine, benchmarks/results/preflight.json)
@@ -111,16 +114,18 @@ def plan(
     """Memory/compute plan of every training stage before any GPU time is spent."""
     from fasttrack.core.config import STAGES
     from fasttrack.core.config_loader import load_config
-    from fasttrack.lib.device_info import detect_memory
-    from fasttrack.lib.planner import parse_size, render_plan
-    from fasttrack.lib.planner import plan as make_plan
+    from fasttrack.lib.device_info import detect_memory, parse_size
     from fasttrack.lib.preflight import preflight
 
     try:
         cfg = load_config(config, split_overrides(set_))
-        preflight(cfg, STAGES)
-        if gpu_mem:
-            mem, device = parse_size(gpu_mem), "--gpu-mem"
+        mem = parse_size(gpu_mem) if gpu_mem else None
+        preflight(cfg, STAGES)  # before the planner imports torch: bad inputs answer in seconds
+        from fasttrack.lib.planner import plan as make_plan
+        from fasttrack.lib.planner import render_plan
+
+        if mem is not None:
+            device = "--gpu-mem"
         else:
             mem, device = detect_memory()
         console.print(f"device: {device}", soft_wrap=True, highlight=False)

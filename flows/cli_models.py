@@ -45,12 +45,12 @@ def ask(
 ) -> None:
     """Answer from the run's RAG index with its newest model (DPO > SFT > pretrain); says why
     newer ones are missing. The untrained base model only with --model base."""
+    if len(args) > 2:  # before the heavy imports: a usage error answers at once
+        _fail(FastTrackError('ask: expected [CONFIG] "question" (quote the question)'))
     import tasks  # noqa: F401  (registers every stage: the model chain computes their keys)
     from fasttrack.core.config_loader import load_config
     from fasttrack.lib.ask import answer
 
-    if len(args) > 2:
-        _fail(FastTrackError('ask: expected [CONFIG] "question" (quote the question)'))
     config, question = (None, args[0]) if len(args) == 1 else args
     try:
         if server:

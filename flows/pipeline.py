@@ -14,13 +14,13 @@ from pydantic import BaseModel, Field
 from fasttrack.core.compute import eval_runner
 from fasttrack.core.config import STAGES, RunConfig
 from fasttrack.core.config_loader import load_config
-from fasttrack.core.errors import ConfigError
 from fasttrack.core.store import ArtifactRef, ArtifactStore
 from fasttrack.lib.chain import MODEL_CHAIN, MODEL_ORDER, run_models, walk
 from fasttrack.lib.gates import enforce_gates
 from fasttrack.lib.preflight import preflight
 from fasttrack.lib.tables import metrics_table, publish_table, retrieval_table
 from flows.runner import RunSummary, StepRunner
+from flows.steps import STEPS, check_names
 from tasks.base import base_task
 from tasks.data import data_task
 from tasks.dpo import dpo_ref_task, dpo_task
@@ -32,8 +32,6 @@ from tasks.rag import rag_task
 from tasks.report import publish_report, report_task
 from tasks.sft import sft_task
 
-STEPS = ("data", "base", "pack", "pretrain", "sft", "dpo_ref", "dpo", "rag", "evaluate", "report",
-         "export")  # fmt: skip
 CHAIN_TASKS = {  # the model chain's steps (their order and upstreams: fasttrack/lib/chain.py)
     "base": base_task, "pack": pack_task, "pretrain": pretrain_task,
     "sft": sft_task, "dpo_ref": dpo_ref_task, "dpo": dpo_task,
@@ -54,12 +52,7 @@ class PipelineParams(BaseModel):
 
 
 def check_params(params: PipelineParams) -> None:
-    for stage in params.stages:
-        if stage not in STAGES:
-            raise ConfigError(f"--stages: unknown stage {stage!r} (stages: {', '.join(STAGES)})")
-    for step in params.force:
-        if step not in (*STEPS, "all"):
-            raise ConfigError(f"--force: unknown step {step!r} (steps: {', '.join(STEPS)}, all)")
+    check_names(params.stages, params.force)
 
 
 def enabled_stages(cfg: RunConfig, params: PipelineParams) -> set[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from fasttrack.core.compute import ComputeConfig
 from fasttrack.core.config_base import Section, deprecated
@@ -144,11 +144,15 @@ class ModelConfig(Section):
 
     @field_validator("chat_template")
     @classmethod
-    def _template_resolves(cls, value: str | None) -> str | None:
-        from fasttrack.core.templates import resolve
+    def _template_resolves(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A relative `.jinja` path resolves against the config file's folder (the loader's
+        context), and is kept absolute so every later reader finds the same file."""
+        from fasttrack.core.templates import resolve, template_file
 
-        resolve(value)  # a ValueError names the field
-        return value
+        base = (info.context or {}).get("config_dir")
+        resolve(value, base)  # a ValueError names the field
+        path = template_file(value, base)
+        return str(path.resolve()) if path is not None else value
 
 
 class TrainingConfig(Section):

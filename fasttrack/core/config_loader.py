@@ -52,9 +52,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         loc = apply_override(raw, item)
         origin[loc] = f"{path}: --set {item}"
-    resolve_paths(raw, path.resolve().parent)
+    base = path.resolve().parent
+    resolve_paths(raw, base)
     try:
-        cfg = RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw, context={"config_dir": base})
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path, origin)) from None
     cfg._source = str(path)

@@ -74,6 +74,17 @@ DEFAULT_TEMPLATE = (
 _MARKER = "\x1fFASTTRACK\x1f"
 
 
+def template_file(value: str | None, base_dir: Path | None = None) -> Path | None:
+    """The file a `model.chat_template` value names (relative: against `base_dir`, the config
+    file's folder, else the working directory), or None for a name or a Jinja string."""
+    if value is None or value in BUILTIN or "{{" in value or "{%" in value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    return path if path.suffix == ".jinja" or path.is_file() else None
+
+
 def resolve(value: str | None, base_dir: Path | None = None) -> str | None:
     """Jinja text of `model.chat_template`: a built-in name, a `.jinja` path (relative paths
     against `base_dir`, else the working directory) or a Jinja string. ValueError otherwise."""
@@ -83,14 +94,14 @@ def resolve(value: str | None, base_dir: Path | None = None) -> str | None:
         return BUILTIN[value]
     if "{{" in value or "{%" in value:
         return value
-    path = Path(value).expanduser()
-    if not path.is_absolute() and base_dir is not None:
-        path = base_dir / path
-    if path.suffix == ".jinja" or path.is_file():
+    path = template_file(value, base_dir)
+    if path is not None:
         try:
             return path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise ValueError(f"cannot read template file {path}: {exc.strerror}") from None
+            relative = base_dir and not Path(value).expanduser().is_absolute()
+            rel = f" (relative to {base_dir})" if relative else ""
+            raise ValueError(f"cannot read template file {value}{rel}: {exc.strerror}") from None
     raise ValueError(
         f"{value!r} is not a template name ({', '.join(BUILTIN)}), a Jinja string or a .jinja file"
     )

@@ -20,6 +20,7 @@ from fasttrack.core.errors import ModelError
 from fasttrack.core.log import get_logger
 from fasttrack.core.store import ArtifactRef
 from fasttrack.lib.hub import hub_kwargs, weights_kwargs
+from fasttrack.lib.model_files import matches_target
 from fasttrack.lib.models import fix_tokenizer, load_tokenizer, model_source, pick_device
 
 
@@ -120,11 +121,6 @@ def linear_modules(model: Any) -> list[str]:
 def linear_module_names(model: Any) -> list[str]:
     """Unique last-name parts of the model's Linear layers (what `target_modules` can name)."""
     return sorted({n.rsplit(".", 1)[-1] for n in linear_modules(model)})
-
-
-def matches_target(name: str, target: str) -> bool:
-    """peft's rule: the full module name, or a `.`-separated suffix of it."""
-    return name == target or name.endswith("." + target)
 
 
 def lora_config(lora: LoraConfig, model: Any):

@@ -4,6 +4,7 @@ CUDA device's memory, else the machine's RAM (a CPU run trains in system memory)
 from __future__ import annotations
 
 import os
+import re
 
 
 def detect_memory() -> tuple[int, str]:
@@ -15,3 +16,18 @@ def detect_memory() -> tuple[int, str]:
         return props.total_memory, f"CUDA {props.name}, {props.total_memory / 2**30:.1f} GiB"
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return total, f"CPU, system RAM {total / 2**30:.1f} GiB (no CUDA device)"
+
+
+def parse_size(text: str) -> int:
+    """Bytes in "24GiB", "24GB", "80G", "512MiB", "1.5TiB". KiB/MiB/GiB/TiB are powers of 2,
+    KB/MB/GB/TB powers of 10, and a bare K/M/G/T means the binary unit, as GPU memory is quoted
+    ("80G" is an 80 GiB card). A bare number (or B) is bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*", text, re.IGNORECASE)
+    if not m or (m[3] and not m[2]):
+        raise ValueError(f"not a memory size: {text!r} (e.g. 24GiB, 24GB, 80G, 512MiB)")
+    number, prefix, binary, byte = m.groups()
+    base = 1000 if byte and not binary else 1024
+    size = int(float(number) * base ** ("kmgt".index(prefix.lower()) + 1 if prefix else 0))
+    if size <= 0:
+        raise ValueError(f"not a memory size: {text!r} (must be positive)")
+    return size

@@ -80,7 +80,7 @@ def check_model_dir(path: Path, allow_pickle: bool = False, field: str = "model.
 
     for f in safetensors:
         try:
-            with safe_open(str(f), framework="pt"):
+            with safe_open(str(f), framework="numpy"):
                 pass  # reads and validates the header against the file size
         except (SafetensorError, OSError) as exc:
             raise ModelError(f"{field}: {f}: corrupt safetensors file ({exc})") from None

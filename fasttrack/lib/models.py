@@ -18,6 +18,7 @@ from fasttrack.core.errors import ModelError
 from fasttrack.core.store import ArtifactRef, ArtifactStore, sha256_file
 from fasttrack.core.templates import DEFAULT_TEMPLATE, apply_default, document_bos
 from fasttrack.lib.hub import check_model_dir, hub_kwargs, load_error, weights_kwargs
+from fasttrack.lib.model_files import is_local_path, max_positions  # noqa: F401 (re-exported)
 
 BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -36,10 +37,6 @@ CHAT_TEMPLATE = (
 )
 POINTER = "source.json"
 _FULL_HASH_LIMIT = 64 << 20
-
-
-def is_local_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists()
 
 
 def fingerprint_dir(path: Path) -> str:
@@ -240,11 +237,6 @@ def load_tokenizer(cfg: RunConfig, ref: ArtifactRef):
         raise load_error(name, exc) from None
     fix_tokenizer(tok, config, template)
     return tok, config
-
-
-def max_positions(model_or_config: Any) -> int | None:
-    config = getattr(model_or_config, "config", model_or_config)
-    return getattr(config, "max_position_embeddings", None)
 
 
 def pick_device() -> str:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -42,8 +41,8 @@ import torch
 
 from fasttrack.core.config import LoraConfig, RunConfig, TrainingConfig
 from fasttrack.core.errors import ModelError
-from fasttrack.lib.adapters import matches_target
-from fasttrack.lib.hub import hub_kwargs, load_error
+from fasttrack.lib.device_info import parse_size  # noqa: F401 (re-exported)
+from fasttrack.lib.model_files import matches_target, model_config
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -51,24 +50,6 @@ if TYPE_CHECKING:
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
 HEADROOM = 0.9  # usable share of device memory: CUDA context, fragmentation, temporary buffers
 GiB = 2**30
-
-
-def model_config(cfg: RunConfig) -> Any:
-    """The transformers config of the base model (config.json only, never weights).
-
-    For `scratch`, vocab_size is `model.tokenizer.vocab_size`: the BPE trainer counts our 6
-    special tokens within it, so it is exact unless the corpus is too small to reach it."""
-    m = cfg.model
-    if m.name_or_path == "scratch":
-        from transformers import LlamaConfig
-
-        return LlamaConfig(vocab_size=m.tokenizer.vocab_size, **m.architecture.model_dump())
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(m.name_or_path, **hub_kwargs(cfg, m.revision))
-    except (OSError, ValueError, KeyError) as exc:
-        raise load_error(m.name_or_path, exc) from None
 
 
 @dataclass(frozen=True)
@@ -301,21 +282,6 @@ def _verdict(stage: str, s: _Setup, total: int, gpu: int | None, mem: Any) -> st
     tried = f" even with: {'; '.join(knobs)}" if knobs else ""
     advice = "needs a bigger device, shorter sequences or a smaller model"
     return f"does not fit ({_gib(total)}){tried}: {advice}"
-
-
-def parse_size(text: str) -> int:
-    """Bytes in "24GiB", "24GB", "80G", "512MiB", "1.5TiB". KiB/MiB/GiB/TiB are powers of 2,
-    KB/MB/GB/TB powers of 10, and a bare K/M/G/T means the binary unit, as GPU memory is quoted
-    ("80G" is an 80 GiB card). A bare number (or B) is bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*", text, re.IGNORECASE)
-    if not m or (m[3] and not m[2]):
-        raise ValueError(f"not a memory size: {text!r} (e.g. 24GiB, 24GB, 80G, 512MiB)")
-    number, prefix, binary, byte = m.groups()
-    base = 1000 if byte and not binary else 1024
-    size = int(float(number) * base ** ("kmgt".index(prefix.lower()) + 1 if prefix else 0))
-    if size <= 0:
-        raise ValueError(f"not a memory size: {text!r} (must be positive)")
-    return size
 
 
 def _gib(n: float) -> str:

@@ -4,14 +4,16 @@ found before the first stage runs (and before Prefect's API starts, when called 
 Why: a missing source file, a pickle-only or remote-code model, a tokenizer larger than the
 embedding matrix or a length past the model's positions used to surface 45-120 s into a run
 (or as an IndexError traceback in a training child). Each check here costs milliseconds to a
-second: file metadata, `config.json` via AutoConfig, the tokenizer files, and the model
-instantiated on the meta device (no memory) for LoRA target names.
+second and imports no torch: file metadata, `config.json` via AutoConfig, the tokenizer's
+size from tokenizer.json, LoRA target names from the safetensors headers
+(fasttrack/lib/model_files.py).
 
 `fasttrack run`, `fasttrack plan` and the pipeline flow all call `preflight(cfg, stages)`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import ConfigError, DataError, ModelError
 
 MODEL_STAGES = {"pretrain", "sft", "dpo", "evaluate"}
+RAG_PROMPT_OVERHEAD = 48  # instruction, "Question:", a short question, chat-template markers
+RAG_CHUNK_HEADER = 8  # "[n] <title>: " before each chunk
 REL = " (relative paths resolve against the config file's folder)"
 _PASSED: set[str] = set()  # configs already checked in this process (CLI, then the flow)
 
@@ -86,31 +90,49 @@ def check_rag_inputs(cfg: RunConfig) -> None:
         load_eval_set(rag_eval, cfg.data.encoding)  # small: its bad rows are worth finding now
 
 
-# ---- model ---------------------------------------------------------------------------------
+# ---- model ----------------------------------------------------------------------------------
 def check_model(cfg: RunConfig, wanted: set[str]) -> None:
-    """Model dir rules, vocab vs embeddings, lengths vs positions, LoRA targets, template."""
+    """Model dir rules, vocab vs embeddings, lengths vs positions, LoRA targets.
+    A local dir is read from its files (config.json, tokenizer.json, safetensors headers) and
+    `scratch` from the config: no torch, no weights. A hub id goes through transformers."""
     from fasttrack.lib.hub import check_model_dir, hub_kwargs
-    from fasttrack.lib.models import is_local_path
-    from fasttrack.lib.planner import model_config
+    from fasttrack.lib.model_files import (
+        is_local_path,
+        max_positions,
+        model_config,
+        read_config,
+        text_facts,
+        tokenizer_size,
+    )
 
     m = cfg.model
     name = m.name_or_path
     # a hub id is `name` or `owner/name`; anything else can only be a (missing) folder
     local = name != "scratch" and (is_local_path(name) or name.count("/") > 1)
-    if local:
-        path = Path(m.name_or_path).expanduser()
+    path = Path(name).expanduser() if local else None
+    if path is not None:
         if not path.exists():
             at = where(cfg, "model.name_or_path")
             raise ModelError(f"{at}: {name}: no such model directory{REL}")
         check_model_dir(path, m.allow_pickle)
-    config = model_config(cfg)  # config.json only; remote code refused here (load_error)
-    tok = None
-    if m.name_or_path != "scratch":
-        tok = _tokenizer(cfg, hub_kwargs(cfg, m.revision))
-        check_vocab(cfg, config, len(tok))
-    check_lengths(cfg, config, wanted)
+    config: Any = None  # the transformers config, where only transformers can read it
+    if name == "scratch":
+        limit, rows = m.architecture.max_position_embeddings, None
+    elif path is not None and (raw := read_config(path, m.trust_remote_code)) is not None:
+        limit, rows = text_facts(raw)
+    else:  # a hub id, or trusted remote code: AutoConfig (config.json only, no weights)
+        config = model_config(cfg)
+        limit, rows = max_positions(text_config(config)), embedding_rows(config)
+    if name != "scratch":
+        size = tokenizer_size(path) if path is not None else None
+        if size is None:
+            size = len(_tokenizer(cfg, hub_kwargs(cfg, m.revision)))
+        check_vocab(cfg, rows, size)
+    check_lengths(cfg, limit, wanted)
+    if cfg.rag.enabled and wanted & {"rag", "evaluate"}:
+        check_rag_prompt(cfg, limit)
     if wanted & {"sft", "dpo"}:  # (no template: the documented ChatML-on-EOS default applies)
-        check_lora_targets(cfg, config)
+        check_lora_targets(cfg, path, config)
 
 
 def _tokenizer(cfg: RunConfig, kwargs: dict[str, Any]) -> Any:
@@ -125,14 +147,12 @@ def _tokenizer(cfg: RunConfig, kwargs: dict[str, Any]) -> Any:
 
 
 def embedding_rows(config: Any) -> int | None:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "vocab_size", None)
+    return getattr(text_config(config), "vocab_size", None)
 
 
-def check_vocab(cfg: RunConfig, config: Any, tokenizer_size: int) -> None:
+def check_vocab(cfg: RunConfig, rows: int | None, tokenizer_size: int) -> None:
     """A token id past the embedding matrix is an IndexError deep in training: refuse it here,
     unless `model.resize_embeddings: true` (then the base model's embeddings grow on load)."""
-    rows = embedding_rows(config)
     if rows is None or tokenizer_size <= rows or cfg.model.resize_embeddings:
         return
     raise ModelError(
@@ -159,12 +179,7 @@ def lengths(cfg: RunConfig, wanted: set[str]) -> list[tuple[str, int]]:
     return out
 
 
-def check_lengths(cfg: RunConfig, config: Any, wanted: set[str]) -> None:
-    from fasttrack.lib.models import max_positions
-
-    limit = max_positions(
-        config.get_text_config() if hasattr(config, "get_text_config") else config
-    )
+def check_lengths(cfg: RunConfig, limit: int | None, wanted: set[str]) -> None:
     if not limit:
         return
     for field, n in lengths(cfg, wanted):
@@ -181,15 +196,57 @@ def check_lengths(cfg: RunConfig, config: Any, wanted: set[str]) -> None:
             )
 
 
-def check_lora_targets(cfg: RunConfig, config: Any) -> None:
-    """`target_modules` must name Linear/Conv1D modules of the model (meta device, no memory)."""
-    from fasttrack.lib.adapters import matches_target
-    from fasttrack.lib.planner import model_shape
+def rag_prompt_tokens(cfg: RunConfig) -> int:
+    """About how many tokens a RAG prompt plus its answer takes: top_k chunks of
+    `rag.chunk.size_tokens` (embedder tokens: the model's tokenizer may count more) + the
+    instruction, question and chat-template markers + a citation header per chunk +
+    max_new_tokens. An estimate: the chunks are not known before the index is built."""
+    k, size = cfg.rag.top_k, cfg.rag.chunk.size_tokens
+    return k * (size + RAG_CHUNK_HEADER) + RAG_PROMPT_OVERHEAD + cfg.generation.max_new_tokens
+
+
+def check_rag_prompt(cfg: RunConfig, limit: int | None) -> str | None:
+    """Warn (and return the line) when top_k chunks, the question and the answer do not fit
+    the model's positions: the prompt is then cut from the left, and the best-ranked chunks,
+    which come first, are what the model loses. A warning, not an error: the answer still
+    runs on what fits, and ask/serve take `k` per request."""
+    need = rag_prompt_tokens(cfg)
+    if not limit or need <= limit:
+        return None
+    line = (
+        f"{where(cfg, 'rag.top_k')}: a RAG prompt needs about {need} tokens (rag.top_k "
+        f"{cfg.rag.top_k} x rag.chunk.size_tokens {cfg.rag.chunk.size_tokens} + about "
+        f"{RAG_PROMPT_OVERHEAD + cfg.rag.top_k * RAG_CHUNK_HEADER} for the question, template "
+        f"and citations + generation.max_new_tokens {cfg.generation.max_new_tokens}) but the "
+        f"model has {limit} positions ({cfg.model.name_or_path}): the prompt will be cut and "
+        "the best-ranked chunks lost; lower rag.top_k or rag.chunk.size_tokens"
+    )
+    logging.getLogger("fasttrack.preflight").warning("warning: %s", line)
+    return line
+
+
+def text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def check_lora_targets(cfg: RunConfig, path: Path | None = None, config: Any = None) -> None:
+    """`target_modules` must name Linear/Conv1D modules of the model: read from the safetensors
+    headers of a local dir, else from the model built on the meta device (no memory)."""
+    from fasttrack.lib.model_files import SCRATCH_LINEARS, adaptable_modules, matches_target
 
     targets = cfg.adapter.lora.target_modules
     if targets == "all-linear":
         return
-    linears = model_shape(config, cfg.model.trust_remote_code).linears
+    if cfg.model.name_or_path == "scratch":
+        linears = list(SCRATCH_LINEARS)
+    elif path is not None and (found := adaptable_modules(path)):
+        linears = found
+    else:  # a hub model (or a pickle-only dir): its structure from transformers
+        from fasttrack.lib.model_files import model_config
+        from fasttrack.lib.planner import model_shape
+
+        config = config if config is not None else model_config(cfg)
+        linears = list(model_shape(config, cfg.model.trust_remote_code).linears)
     missing = [t for t in targets if not any(matches_target(n, t) for n in linears)]
     if missing:
         names = sorted({n.rsplit(".", 1)[-1] for n in linears})

@@ -233,8 +233,8 @@ CASES: list[Case] = [
          "gemma, phi3, mistral, alpaca), a Jinja string or a .jinja file"),
     Case("config-template-file-missing", "config", "`.jinja` template file that does not exist",
          lambda c: config_text(c, good_yaml(c, model={"chat_template": "nope.jinja"})),
-         f"{CFG}:<n>: model.chat_template: cannot read template file nope.jinja: No such file "
-         "or directory"),
+         f"{CFG}:<n>: model.chat_template: cannot read template file nope.jinja (relative to "
+         "…): No such file or directory"),
     Case("set-no-equals", "config", "`--set` without `=`",
          lambda c: (_run(c, "--set", "pretrain.max_steps"), ""),
          "--set pretrain.max_steps: expected KEY=VALUE, e.g. pretrain.max_steps=50"),
@@ -363,7 +363,7 @@ CASES: list[Case] = [
          "model.name_or_path: <file>: not a model directory (no config.json)", "base"),
     Case("model-bad-config", "model", "config.json is not JSON",
          model_case(lambda p: (p / "config.json").write_text("{oops")),
-         "model.name_or_path: cannot load '<file>': It looks like the config file at …", "base"),
+         "model.name_or_path: <file>/config.json: not valid JSON (…)", "base"),
     Case("model-pickle-only", "model", "pickle-only checkpoint (pytorch_model.bin)",
          model_case(_pickle_only),
          "model.name_or_path: <file>: only pickle weights (pytorch_model.bin), which can run "
@@ -383,6 +383,11 @@ CASES: list[Case] = [
          "model.trust_remote_code: true if you trust it", "base"),
     Case("model-dir-missing", "model", "model path that does not exist",
          model_case(None),
+         "…: model.name_or_path: <file>: no such model directory (relative paths resolve "
+         "against the config file's folder)", "base"),
+    Case("plan-model-dir-missing", "model", "`plan` of a config whose model path does not exist",
+         lambda c: (["plan", str(_cfg(c, model={"name_or_path": str(c.tmp / "model")}))],
+                    c.tmp / "model"),
          "…: model.name_or_path: <file>: no such model directory (relative paths resolve "
          "against the config file's folder)", "base"),
     Case("model-vocab-too-large", "model", "tokenizer larger than the embedding matrix",

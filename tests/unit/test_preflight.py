@@ -58,6 +58,27 @@ def test_relative_paths_resolve_against_the_config_folder(
     preflight(cfg, ["data"])  # found from another working directory
 
 
+def test_relative_template_file_resolves_against_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative `.jinja` path means the file beside the config, from any working directory,
+    and a missing one names the folder it was looked for in."""
+    from fasttrack.core.templates import resolve
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "mine.jinja").write_text("{{ messages[0]['content'] }}")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg_dict = tiny_config_dict(tmp_path / "s", model={"chat_template": "mine.jinja"})
+    cfg = load_config(write_config(folder / "run.yaml", cfg_dict))
+    assert cfg.model.chat_template == str(folder / "mine.jinja")
+    assert resolve(cfg.model.chat_template) == "{{ messages[0]['content'] }}"
+    cfg_dict["model"]["chat_template"] = "gone.jinja"
+    with pytest.raises(ConfigError, match=rf"gone.jinja \(relative to {folder}\): No such"):
+        load_config(write_config(folder / "run.yaml", cfg_dict))
+
+
 def test_missing_source_names_config_line_and_field(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, data={"sources": [{"path": "gone.jsonl", "format": "text"}]})
     with pytest.raises(DataError) as info:
@@ -141,3 +162,23 @@ def test_missing_model_dir_is_not_called_a_hub_id(tmp_path: Path) -> None:
         cfg = _cfg(tmp_path, model={"name_or_path": name})
         with pytest.raises(ModelError, match="no-such-model: no such model directory"):
             preflight(cfg, ["pretrain"])
+
+
+def test_rag_prompt_past_positions_is_flagged_before_any_stage(
+    tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """top_k chunks + question + template + max_new_tokens past the model's 128 positions:
+    left truncation would drop the best-ranked chunks, so preflight says so, naming the fields."""
+    rag = {"top_k": 3, "chunk": {"size_tokens": 64, "overlap_tokens": 8}}
+    big = _model_cfg(tmp_path, tiny_model_dir, rag=rag)
+    with caplog.at_level("WARNING", logger="fasttrack.preflight"):
+        preflight(big, ["data", "rag", "evaluate"])
+    line = next(r.getMessage() for r in caplog.records if "RAG prompt" in r.getMessage())
+    assert ": rag.top_k: a RAG prompt needs about" in line
+    assert "rag.top_k 3 x rag.chunk.size_tokens 64" in line and "has 128 positions" in line
+    caplog.clear()
+    fits = {"top_k": 1, "chunk": {"size_tokens": 32, "overlap_tokens": 8}}
+    small = _model_cfg(tmp_path, tiny_model_dir, rag=fits, generation={"max_new_tokens": 16})
+    with caplog.at_level("WARNING", logger="fasttrack.preflight"):
+        preflight(small, ["data", "rag", "evaluate"])
+    assert not [r for r in caplog.records if "RAG prompt" in r.getMessage()]
