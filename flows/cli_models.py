@@ -101,8 +101,11 @@ def serve(
     api_key_env: Annotated[
         str | None, typer.Option(help="Environment variable holding the API key clients send")
     ] = None,
-    max_batch: Annotated[int, typer.Option(help="Rows per generate batch")] = 32,
+    max_batch: Annotated[int, typer.Option(help="Rows decoding together")] = 32,
     max_pending: Annotated[int, typer.Option(help="Requests in flight before 429")] = 256,
+    threads: Annotated[
+        int | None, typer.Option(help="torch threads (default: torch's; 1 suits small models)")
+    ] = None,
     engine: Annotated[str, typer.Option(help="transformers (vllm: not available yet)")] = (
         "transformers"
     ),
@@ -114,15 +117,17 @@ def serve(
     try:
         if engine != "transformers":
             raise FastTrackError(f"serve --engine {engine}: only `transformers` is available")
-        if max_batch < 1 or max_pending < 1:
-            raise FastTrackError("serve: --max-batch and --max-pending must be at least 1")
+        if max_batch < 1 or max_pending < 1 or (threads is not None and threads < 1):
+            raise FastTrackError(
+                "serve: --max-batch, --max-pending and --threads must be at least 1"
+            )
         key = _api_key(api_key_env)
         cfg = load_config(config, _split(set_))
         import tasks  # noqa: F401  (registers every stage: the model chain computes their keys)
         from fasttrack.lib.serve_run import load_served, run_server
 
         served = load_served(cfg, model, rag=rag, api_key=key, max_batch=max_batch,
-                             max_pending=max_pending)  # fmt: skip
+                             max_pending=max_pending, threads=threads)  # fmt: skip
     except FastTrackError as exc:
         _fail(exc)
     where = "with RAG" if served.retriever is not None else "without RAG"

@@ -22,6 +22,7 @@ def load_served(
     api_key: str | None = None,
     max_batch: int = 32,
     max_pending: int = 256,
+    threads: int | None = None,
 ) -> Served:
     """`rag`: None uses the run's index when it has one, True requires it, False never."""
     from fasttrack.lib.ask import run_index
@@ -41,7 +42,7 @@ def load_served(
     model, tok = load_model(cfg, ref)
     if retriever is not None:
         retriever.embedder  # noqa: B018 - load it now, not on the first request
-    batcher = Batcher(model, tok, max_batch=max_batch, max_pending=max_pending)
+    batcher = Batcher(model, tok, max_batch=max_batch, max_pending=max_pending, threads=threads)
     return Served(cfg=cfg, model_id=f"{cfg.name}-{stage}", model=model, tok=tok,
                   batcher=batcher, retriever=retriever, api_key=api_key)  # fmt: skip
 
