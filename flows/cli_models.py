@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 import typer.core
@@ -102,33 +103,61 @@ def serve(
     api_key_env: Annotated[
         str | None, typer.Option(help="Environment variable holding the API key clients send")
     ] = None,
-    max_batch: Annotated[int, typer.Option(help="Rows per generate batch")] = 32,
+    max_batch: Annotated[int, typer.Option(help="Rows decoding together")] = 32,
     max_pending: Annotated[int, typer.Option(help="Requests in flight before 429")] = 256,
-    engine: Annotated[str, typer.Option(help="transformers (vllm: not available yet)")] = (
-        "transformers"
-    ),
+    threads: Annotated[
+        int | None, typer.Option(help="torch threads (default: torch's; 1 suits small models)")
+    ] = None,
+    engine: Annotated[
+        str, typer.Option(help="transformers, or vllm (CUDA; serves the merged export)")
+    ] = "transformers",
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override KEY=VALUE")] = None,
 ) -> None:
     """Serve the run's model behind an OpenAI-compatible API (FastAPI + uvicorn)."""
     from fasttrack.core.config_loader import load_config
 
     try:
-        if engine != "transformers":
-            raise FastTrackError(f"serve --engine {engine}: only `transformers` is available")
-        if max_batch < 1 or max_pending < 1:
-            raise FastTrackError("serve: --max-batch and --max-pending must be at least 1")
+        if engine not in ("transformers", "vllm"):
+            raise FastTrackError(
+                f"serve --engine {engine}: unknown engine (engines: transformers, vllm)"
+            )
+        if engine == "vllm":
+            from fasttrack.lib.serve_vllm import check_vllm
+
+            check_vllm()  # before anything loads
+        if max_batch < 1 or max_pending < 1 or (threads is not None and threads < 1):
+            raise FastTrackError(
+                "serve: --max-batch, --max-pending and --threads must be at least 1"
+            )
         key = _api_key(api_key_env)
         cfg = load_config(config, split_overrides(set_))
         import tasks  # noqa: F401  (registers every stage: the model chain computes their keys)
         from fasttrack.lib.serve_run import load_served, run_server
 
+        merged = _merged_export(config, cfg, model, set_) if engine == "vllm" else None
         served = load_served(cfg, model, rag=rag, api_key=key, max_batch=max_batch,
-                             max_pending=max_pending)  # fmt: skip
+                             max_pending=max_pending, threads=threads,
+                             merged_dir=merged)  # fmt: skip
     except FastTrackError as exc:
         _fail(exc)
     where = "with RAG" if served.retriever is not None else "without RAG"
     err.print(f"serving {served.model_id} {where} on http://{host}:{port}/v1", soft_wrap=True)
     run_server(served, host, port)
+
+
+def _merged_export(config: str | None, cfg: Any, which: str, set_: list[str] | None) -> Path:
+    """The `merged` export of the model `serve --model` picks (built, or reused from the
+    store): the plain model directory vLLM loads."""
+    from fasttrack.core.store import ArtifactStore
+    from fasttrack.lib.serve_model import resolve_model
+    from flows.export import ExportParams, export_flow
+
+    _, ref = resolve_model(cfg, which)
+    params = ExportParams(config=config, formats=["merged"], model=ref.key,
+                          overrides=_split(set_))  # fmt: skip
+    step = export_flow(params).steps[-1]
+    store = ArtifactStore(cfg.store)
+    return store.local_path(store.lookup("export", step.key))
 
 
 @app.command("export")

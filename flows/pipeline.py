@@ -72,7 +72,8 @@ def trained_models(
 @flow(name="fasttrack-pipeline")
 def pipeline(params: PipelineParams | None = None) -> RunSummary:
     """data -> base -> pack -> pretrain -> sft -> dpo_ref -> dpo -> evaluate(every model) ->
-    gates -> export (export.formats); rag (data -> index) runs concurrently with training."""
+    gates -> export (export.formats) -> the report again, with the export table; rag (data ->
+    index) runs concurrently with training."""
     params = params or PipelineParams()
     check_params(params)
     cfg = load_config(params.config, params.overrides)
@@ -111,6 +112,9 @@ def pipeline(params: PipelineParams | None = None) -> RunSummary:
             refs = [run(export_task, cfg, target, data, f, label=f"export:{f}")
                     for f in cfg.export.formats]  # fmt: skip
             exports = publish_exports(refs, cfg.name)
+            report_ref = run(report_task, cfg, evals, models, rag, refs, label="report:exports")
+            publish_report(cfg, report_ref)  # the same report, now with the export table
+            report = str(ArtifactStore(cfg.store).local_path(report_ref) / "report.md")
     retrieval = retrieval_table(rag) if rag else []
     return RunSummary(
         name=cfg.name, store=str(cfg.store), steps=run.steps, table=table, retrieval=retrieval,

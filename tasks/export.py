@@ -31,6 +31,7 @@ from fasttrack.lib.datasets import read_split
 from fasttrack.lib.hub import hub_kwargs
 from fasttrack.lib.models import load_model, model_source, pick_device
 from fasttrack.lib.perplexity import strided_perplexity, token_stream
+from fasttrack.lib.tables import export_row, export_table
 
 STAGE = Stage("export", "1")  # bump when this module or gguf_export.py changes what it writes
 FORMATS = ("merged", "bnb-8bit", "bnb-4bit", "gguf-f16", "gguf-q8_0")
@@ -186,37 +187,15 @@ def build_export(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     if fmt.startswith("gguf-"):
         err = logit_error(merged, model, etok, e.prompt)
         metrics |= {"logit_max_rel_err": round(err, 6), "logit_tolerance": GGUF_TOLERANCE[fmt]}
-    (out / "export.md").write_text(render_table([metrics_row(metrics, spec.key)]))
+    (out / "export.md").write_text(export_table([export_row(metrics, spec.key)]))
     return BuildResult(metrics=metrics, device={"device": pick_device(), "dtype": metrics["dtype"]})
-
-
-def metrics_row(metrics: dict[str, Any], key: str) -> dict[str, Any]:
-    """One row of the export table (what the report, the CLI and the Prefect artifact show)."""
-    return {
-        "format": metrics["format"],
-        "size_MB": round(metrics["size_bytes"] / 2**20, 3),
-        "perplexity": metrics["perplexity"],
-        "ppl_delta": metrics["perplexity_delta"],
-        "tokens_per_s": metrics["tokens_per_second"],
-        "logit_err": metrics.get("logit_max_rel_err"),
-        "export_key": key[:12],
-    }
-
-
-def render_table(rows: list[dict[str, Any]]) -> str:
-    """A markdown table of export rows."""
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in rows:
-        lines.append("| " + " | ".join("-" if v is None else str(v) for v in row.values()) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def publish_exports(refs: list[ArtifactRef], run_name: str) -> list[dict[str, Any]]:
     """The export table of a run: rows, and a Prefect table artifact when inside a run."""
     from fasttrack.core.progress import in_prefect_run
 
-    rows = [metrics_row(r.metrics, r.key) for r in refs]
+    rows = [export_row(r.metrics, r.key) for r in refs]
     if rows and in_prefect_run():
         from prefect.artifacts import create_table_artifact
 

@@ -1,8 +1,10 @@
-"""The report of a run: one comparison table, retrieval figures, gates, samples and plots.
+"""The report of a run: one comparison table, retrieval figures, gates, exports, samples, plots.
 
 A cached artifact keyed by the evaluation (and RAG) artifacts it summarises plus the gates, so
 `fasttrack report` can re-print any past run from the store alone; it is also published to the
-Prefect UI as the markdown artifact `fasttrack-report`.
+Prefect UI as the markdown artifact `fasttrack-report`. Exports run after the gates, so a run
+with `export.formats` writes the report twice: before the gates (what a failed gate leaves)
+and after the exports, with their table (its key also covers the export artifacts).
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from fasttrack.core.log import get_logger
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
 from fasttrack.lib.gates import check_gates, describe
-from fasttrack.lib.tables import metrics_table, retrieval_table, small_n_note
+from fasttrack.lib.tables import (
+    export_row,
+    export_table,
+    metrics_table,
+    retrieval_table,
+    small_n_note,
+)
 
 STAGE = Stage("report", "1")
 REPORT_KEY = "fasttrack-report"
@@ -28,11 +36,13 @@ def report_spec(
     evals: dict[str, ArtifactRef],
     models: dict[str, ArtifactRef],
     rag: ArtifactRef | None = None,
+    exports: list[ArtifactRef] | None = None,
 ) -> StageSpec:
     upstream = {f"eval:{m}": ref for m, ref in evals.items()}
     upstream |= {f"model:{m}": ref for m, ref in models.items()}
     if rag is not None:
         upstream["rag"] = rag
+    upstream |= {f"export:{ref.metrics['format']}": ref for ref in exports or []}
     return STAGE.spec({"run": cfg.name, "gates": cfg.evaluate.gates}, upstream)
 
 
@@ -50,7 +60,13 @@ def _md_table(rows: list[dict[str, Any]]) -> str:
 
 
 def render(
-    cfg: RunConfig, table: list, retrieval: list, gates: list, samples: dict, plots: list
+    cfg: RunConfig,
+    table: list,
+    retrieval: list,
+    gates: list,
+    samples: dict,
+    plots: list,
+    exports: list | None = None,
 ) -> str:
     parts = [
         f"# FastTrack report: `{cfg.name}`",
@@ -67,6 +83,12 @@ def render(
             parts += ["", note]
     if gates:
         parts += ["", "## Promotion gates", ""] + [f"- {describe(g)}" for g in gates]
+    if exports:
+        parts += ["", "## Exports", "", export_table(exports).rstrip(), "",
+                  "_Each export measured as loaded back from its own files: size on disk, "
+                  "perplexity on the held-out split and its delta vs the merged model, greedy "
+                  "generation tokens/s on this machine; `logit_err`: GGUF's largest logit "
+                  "difference from the merged model on `export.prompt`, relative._"]  # fmt: skip
     for plot in plots:
         parts += ["", f"![{plot}]({plot})"]
     if samples:
@@ -98,9 +120,12 @@ def build_report(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         path = store.local_path(ref) / "samples.jsonl"
         if path.exists():
             samples[model] = [json.loads(line) for line in path.read_text().splitlines()]
+    exports = [export_row(r.metrics, r.key) for k, r in spec.upstream.items()
+               if k.startswith("export:")]  # fmt: skip
     plots = make_plots(store, models, table, out)
-    (out / "report.md").write_text(render(cfg, table, retrieval, gates, samples, plots))
-    summary = {"table": table, "retrieval": retrieval, "gates": [g.__dict__ for g in gates]}
+    (out / "report.md").write_text(render(cfg, table, retrieval, gates, samples, plots, exports))
+    summary = {"table": table, "retrieval": retrieval, "gates": [g.__dict__ for g in gates],
+               "exports": exports}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     metrics = {
         "gates_passed": sum(g.passed for g in gates),

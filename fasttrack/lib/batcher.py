@@ -1,14 +1,16 @@
-"""Dynamic batching for the server: one worker thread owns the model and answers many requests
-with one left-padded `generate` call.
+"""Batching for the server: one worker thread owns the model and answers many requests at once.
 
-Requests wait in a queue; the worker takes every pending request whose decoding settings match
-the oldest one's (same strategy, temperature, top-p, ... — `max_new_tokens` may differ), pads
-their prompts on the left and runs them as one batch. Rows are independent under the attention
-mask and the position ids transformers derives from it, so a greedy answer is the one `generate`
-gives for that prompt alone. A per-row stopping criterion ends each row at its own token budget,
-its stop strings, or when its client went away, and streams each row's new text as it grows.
-A sampled request that names a seed runs alone (a shared RNG would make its sample depend on
-its neighbours).
+Continuous (iteration-level) batching: the worker steps every active row one token per forward
+over a shared KV cache (`decode_loop.Slots`), admits requests that arrived between two steps
+(prefilled together, then merged into the running batch) and answers a request as soon as its
+own rows are finished, so a short request never waits for a long one. Rows are independent
+under the attention mask and their own position ids, and each row applies its own logits
+processors and RNG, so a greedy (or seeded) answer is the one `generate` gives for that prompt
+alone, whatever else is in flight. Each row ends at its token budget, its stop strings, the
+model's stop tokens, or when its client went away, and streams its new text as it grows.
+
+Beam search, and models whose cache cannot be stepped (`decode_loop.can_step`), go through
+`generate`: requests with the same decoding settings are left-padded into one call.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from fasttrack.core.config_eval import GenerationConfig
 from fasttrack.core.errors import FastTrackError
+from fasttrack.core.templates import stop_ids
+from fasttrack.lib.decode_loop import Live, Slots, can_step, row_processors, row_wise
 from fasttrack.lib.generate import decode_answer, generation_kwargs
 
 
@@ -149,20 +153,28 @@ class Batcher:
         max_batch: int = 32,
         max_pending: int = 256,
         window_s: float = 0.005,
+        threads: int | None = None,
     ):
         # Its own tokenizer: a Rust tokenizer used from two threads while one changes its
         # padding/truncation settings panics ("Already borrowed").
         self.model, self.tok = model, copy.deepcopy(tok)
         self.max_batch, self.max_pending, self.window_s = max_batch, max_pending, window_s
+        # torch's intra-op threads (process-wide). A small model's decode step is too little
+        # work to split: on a busy CPU, 2 threads made one batched step ~10x slower than 1.
+        self.threads = threads
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        self.eos = set(stop_ids(tok, model))
         self._queue: queue.Queue[Request | None] = queue.Queue()
         self._pending: list[Request] = []
         self._count = 0  # submitted and not finished
         self._lock = threading.Lock()
         self._seeds = itertools.count(1)
         self._thread = threading.Thread(target=self._loop, name="fasttrack-batcher", daemon=True)
-        self.batches: deque[int] = deque(maxlen=4096)  # rows of the latest batches run
+        self.batches: deque[int] = deque(maxlen=4096)  # rows of the latest forwards/batches
+        self.stepping = can_step(model)
+        self._slots = Slots(model)
+        self._open: dict[int, tuple[Request, list[_Row]]] = {}  # admitted, not answered
+        self._processors: dict[str, Any] = {}  # logits processors by decoding settings
 
     def start(self) -> Batcher:
         from fasttrack.lib.adapters import disable_cpu_bf16_repack
@@ -212,27 +224,102 @@ class Batcher:
 
     def _loop(self) -> None:
         self._stopping = False
+        if self.threads:
+            torch.set_num_threads(self.threads)
         while True:
-            self._take(block=not self._pending and not self._stopping)
-            if not self._pending:
+            idle = not self._pending and not self._slots
+            self._take(block=idle and not self._stopping)
+            if not self._pending and not self._slots:
                 if self._stopping:
                     return
+                continue
+            if self.stepping:
+                self._admit()
+                if self._slots:
+                    self._guarded(self._slots.rows, self._step)
                 continue
             # Let requests sent together arrive together; under load (the last batch was
             # shared) wait longer, for the clients just answered to send their next request.
             busy = bool(self.batches) and self.batches[-1] > 1
             time.sleep(self.window_s * (6 if busy else 1))
             self._take(block=False)
-            batch = self._next_batch()
-            try:
-                results = self._run(batch)
-            except Exception as exc:  # a failed batch fails its requests, not the server
-                for req in batch:
-                    if not req.future.done():
-                        req.future.set_exception(exc)
-                continue
-            for req, completions in zip(batch, results, strict=True):
-                req.future.set_result(completions)
+            self._generate(self._next_batch())
+
+    def _generate(self, batch: list[Request]) -> None:
+        """Answer `batch` with one `generate` call (beam search, non-steppable models)."""
+        try:
+            results = self._run(batch)
+        except Exception as exc:  # a failed batch fails its requests, not the server
+            for req in batch:
+                if not req.future.done():
+                    req.future.set_exception(exc)
+            return
+        for req, completions in zip(batch, results, strict=True):
+            req.future.set_result(completions)
+
+    def _admit(self) -> None:
+        """Prefill the pending requests that fit beside the running rows, in arrival order."""
+        new: list[Live] = []
+        rest: list[Request] = []
+        for req in self._pending:
+            if req.cancelled.is_set():
+                req.future.set_result([])
+            elif req.g.strategy == "beam":
+                self._generate([req])  # between two steps; beams keep their own cache
+            elif (self._slots or new) and len(self._slots) + len(new) + req.n > self.max_batch:
+                rest.append(req)
+            else:
+                new += self._rows_of(req)
+        self._pending = rest
+        if new:
+            self._guarded(new, lambda: self._slots.admit(new))
+            self._record(new)
+
+    def _step(self) -> None:
+        self._slots.step()
+        self.batches.append(len(self._slots))
+        self._record(self._slots.rows)
+
+    def _rows_of(self, req: Request) -> list[Live]:
+        kwargs = generation_kwargs(req.g, self.tok, self.model)
+        key = repr(sorted(kwargs.items()))  # same settings: one processor list, one call a step
+        processors = self._processors.get(key) or row_processors(self.model, kwargs, len(req.ids))
+        if row_wise(processors):  # independent of the prompt: share it
+            self._processors[key] = processors
+        sample = req.g.strategy == "sample"
+        seed = req.seed if req.seed is not None else next(self._seeds)
+        rows = [_Row(req, c, self.tok, self.eos) for c in range(req.n)]
+        self._open[id(req)] = (req, rows)
+        return [
+            Live(ids=list(req.ids), processors=processors, sample=sample, owner=row,
+                 generator=torch.Generator().manual_seed(seed + c) if sample else None)
+            for c, row in enumerate(rows)
+        ]  # fmt: skip
+
+    def _record(self, live: list[Live]) -> None:
+        """Give each row its newest token; retire finished rows, answer finished requests."""
+        done = [r for r in live if r.owner.step(r.next_token)]
+        self._slots.retire(done)
+        for r in done:
+            req = r.owner.req
+            entry = self._open.get(id(req))
+            if entry and all(row.done for row in entry[1]):
+                del self._open[id(req)]
+                req.future.set_result([row.result() for row in entry[1]])
+
+    def _guarded(self, live: list[Live], work: Callable[[], None]) -> None:
+        """Run a forward; if it fails, fail the requests of `live` and the batch they were in
+        (the shared cache is no longer sound), never the server."""
+        try:
+            with torch.inference_mode():
+                work()
+        except Exception as exc:  # noqa: BLE001 - reported to each request's client
+            victims = {id(r.owner.req): r.owner.req for r in [*live, *self._slots.rows]}
+            self._slots.retire(list(self._slots.rows))
+            for key, req in victims.items():
+                self._open.pop(key, None)
+                if not req.future.done():
+                    req.future.set_exception(exc)
 
     def _next_batch(self) -> list[Request]:
         """The oldest request plus younger ones of its group, up to max_batch rows."""

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API of `fasttrack serve` (FastAPI; uvicorn runs it).
 
-Routes: GET /health, GET /v1/models, POST /v1/chat/completions (also `stream: true`, server-sent
-events ending with `data: [DONE]`), POST /v1/completions, POST /v1/embeddings (the RAG embedder).
+Routes: GET /health, GET /v1/models, POST /v1/chat/completions and POST /v1/completions (both
+also `stream: true`: server-sent events ending with `data: [DONE]`, see `serve_stream`),
+POST /v1/embeddings (the RAG embedder).
 Generation goes through the shared `Batcher`; chat prompts through the model's chat template,
 as in evaluation and `ask`. In RAG mode the last user message is answered from the run's index
 with `ask`'s cited-context prompt, and the hits come back in the extra top-level field `sources`
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -33,6 +34,7 @@ from fasttrack.core.config_eval import GenerationConfig
 from fasttrack.lib.batcher import Batcher, Busy, Completion
 from fasttrack.lib.batcher import Request as GenRequest
 from fasttrack.lib.generate import chat_text, encode_left, prompt_room
+from fasttrack.lib.serve_stream import chat_opening, chat_piece, completion_piece, sse
 
 MAX_BODY = 1 << 20  # bytes of a request body
 
@@ -285,7 +287,9 @@ def create_app(served: Served) -> FastAPI:
         sources = [source(h) for h in hits] if use_rag else None
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            return stream(req, rid, created, sources)
+            head = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                    "model": served.model_id}  # fmt: skip
+            return stream([req], head, piece=chat_piece, opening=chat_opening, sources=sources)
         done = await run(req)
         choices = [
             {"index": i, "message": {"role": "assistant", "content": c.text},
@@ -299,56 +303,16 @@ def create_app(served: Served) -> FastAPI:
             out["sources"] = sources
         return out
 
-    def stream(req: GenRequest, rid: str, created: int, sources: list | None) -> Any:
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
-        req.on_delta = lambda i, text: loop.call_soon_threadsafe(events.put_nowait, (i, text))
+    def stream(reqs: list[GenRequest], head: dict[str, Any], **kw: Any) -> Any:
         try:
-            fut = served.batcher.submit(req)
+            return sse(served.batcher, reqs, head, **kw)
         except Busy as exc:
             raise ApiError(429, str(exc), "rate_limit_error", None, "server_busy") from None
-        fut.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
-        head = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                "model": served.model_id}  # fmt: skip
-
-        def event(choices: list[dict], **extra: Any) -> str:
-            return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
-
-        async def events_out() -> AsyncIterator[str]:
-            try:
-                for i in range(req.n):
-                    yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                  "finish_reason": None}])  # fmt: skip
-                while (item := await events.get()) is not None:
-                    i, text = item
-                    yield event([{"index": i, "delta": {"content": text}, "finish_reason": None}])
-                try:
-                    done = fut.result()
-                except Exception as exc:  # noqa: BLE001 - reported in the stream, not a 500
-                    err = {
-                        "message": f"generation failed: {type(exc).__name__}",
-                        "type": "server_error",
-                        "param": None,
-                        "code": "generation_failed",
-                    }
-                    yield f"data: {json.dumps({'error': err})}\n\n"
-                    return
-                for i, c in enumerate(done):
-                    yield event([{"index": i, "delta": {}, "finish_reason": c.finish_reason}])
-                if sources is not None:
-                    yield event([], sources=sources)
-                yield "data: [DONE]\n\n"
-            finally:
-                req.cancelled.set()  # a client that went away frees its batch row
-
-        return StreamingResponse(events_out(), media_type="text/event-stream")
 
     @v1.post("/completions")
     async def completions(request: Request) -> Any:
         body: CompletionBody = parse(CompletionBody, await read_json(request, served.max_body))
         check_model(body.model, served.model_id)
-        if body.stream:
-            raise invalid("stream is supported on /v1/chat/completions only", "stream")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise invalid("prompt: give at least one prompt", "prompt")
@@ -359,6 +323,11 @@ def create_app(served: Served) -> FastAPI:
             reqs.append(
                 (len(ids), gen_request(ids, decoding(served.cfg.generation, body, max_new), body))
             )
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            head = {"id": rid, "object": "text_completion", "created": created,
+                    "model": served.model_id}  # fmt: skip
+            return stream([r for _, r in reqs], head, piece=completion_piece)
         results = await asyncio.gather(*(run(r) for _, r in reqs))
         choices, all_done = [], []
         for done in results:
@@ -366,8 +335,8 @@ def create_app(served: Served) -> FastAPI:
                 choices.append({"index": len(choices), "text": c.text,
                                 "finish_reason": c.finish_reason, "logprobs": None})  # fmt: skip
                 all_done.append(c)
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-                "created": int(time.time()), "model": served.model_id, "choices": choices,
+        return {"id": rid, "object": "text_completion",
+                "created": created, "model": served.model_id, "choices": choices,
                 "usage": usage(sum(n for n, _ in reqs), all_done)}  # fmt: skip
 
     @v1.post("/embeddings")

@@ -6,6 +6,7 @@ requests in flight (streams included) to finish, then the app's shutdown stops t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fasttrack.core.config import RunConfig
@@ -22,8 +23,12 @@ def load_served(
     api_key: str | None = None,
     max_batch: int = 32,
     max_pending: int = 256,
+    threads: int | None = None,
+    merged_dir: Path | None = None,
 ) -> Served:
-    """`rag`: None uses the run's index when it has one, True requires it, False never."""
+    """`rag`: None uses the run's index when it has one, True requires it, False never.
+    `merged_dir`: serve that merged export with vLLM (`--engine vllm`) instead of
+    transformers."""
     from fasttrack.lib.ask import run_index
     from fasttrack.lib.batcher import Batcher
     from fasttrack.lib.models import load_model
@@ -38,10 +43,21 @@ def load_served(
         except FastTrackError as exc:
             if rag:
                 raise FastTrackError(f"serve --rag: {exc} (or serve with --no-rag)") from None
-    model, tok = load_model(cfg, ref)
     if retriever is not None:
         retriever.embedder  # noqa: B018 - load it now, not on the first request
-    batcher = Batcher(model, tok, max_batch=max_batch, max_pending=max_pending)
+    batcher: Any
+    if merged_dir is not None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from fasttrack.lib.serve_vllm import VllmBatcher
+
+        model = AutoConfig.from_pretrained(merged_dir)  # the routes need its context length
+        tok = AutoTokenizer.from_pretrained(merged_dir)
+        batcher = VllmBatcher(merged_dir, tok, max_pending=max_pending)
+    else:
+        model, tok = load_model(cfg, ref)
+        batcher = Batcher(model, tok, max_batch=max_batch, max_pending=max_pending,
+                          threads=threads)  # fmt: skip
     return Served(cfg=cfg, model_id=f"{cfg.name}-{stage}", model=model, tok=tok,
                   batcher=batcher, retriever=retriever, api_key=api_key)  # fmt: skip
 

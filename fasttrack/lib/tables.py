@@ -1,4 +1,4 @@
-"""The run's metric tables: one row per evaluated model, one per retrieval mode.
+"""The run's metric tables: one row per evaluated model, one per retrieval mode, one per export.
 
 Shared by the flow (Prefect table artifact, CLI summary) and the report stage.
 """
@@ -70,3 +70,25 @@ def publish_table(rows: list[dict[str, Any]], run_name: str) -> None:
     create_table_artifact(
         table=rows, key=TABLE_KEY, description=f"FastTrack metrics of run config `{run_name}`"
     )
+
+
+def export_row(metrics: dict[str, Any], key: str) -> dict[str, Any]:
+    """One row of the export table (what the report, the CLI and the Prefect artifact show)."""
+    return {
+        "format": metrics["format"],
+        "size_MB": round(metrics["size_bytes"] / 2**20, 3),
+        "perplexity": metrics["perplexity"],
+        "ppl_delta": metrics["perplexity_delta"],
+        "tokens_per_s": metrics["tokens_per_second"],
+        "logit_err": metrics.get("logit_max_rel_err"),
+        "export_key": key[:12],
+    }
+
+
+def export_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of export rows."""
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append("| " + " | ".join("-" if v is None else str(v) for v in row.values()) + " |")
+    return "\n".join(lines) + "\n"

@@ -29,6 +29,14 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("model-store") / "store"
 
 
+def _vllm_ready() -> bool:
+    import importlib.util
+
+    import torch
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(
     case: Case,
@@ -37,6 +45,8 @@ def test_bad_input(
     model_store: Path,
     capfd: pytest.CaptureFixture,
 ) -> None:
+    if case.id == "cli-serve-vllm-without-cuda" and _vllm_ready():
+        pytest.skip("vllm and a CUDA device are both here: tests/e2e/test_serve_vllm.py serves")
     store = model_store if case.group == "model" else tmp_path / "store"
     args, culprit = case.make(Ctx(tmp=tmp_path, store=store, model=tiny_model_dir))
     result = runner.invoke(app, args)

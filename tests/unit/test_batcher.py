@@ -1,6 +1,8 @@
-"""The server's dynamic batcher without a server: batched rows answer exactly as `generate`
-does for each prompt alone (left padding, attention mask, position ids), stop strings, streams,
-cancellation, grouping by decoding settings, and the 429 limit."""
+"""The server's continuous batcher without a server: rows stepped together answer exactly as
+`generate` does for each prompt alone (left padding, attention mask, position ids, per-row
+logits processors and RNG), a request admitted mid-flight finishes before a longer one that
+started earlier, stop strings, streams, cancellation, beam search through `generate`, and the
+429 limit."""
 
 from __future__ import annotations
 
@@ -58,7 +60,8 @@ def test_batched_greedy_equals_each_prompt_alone(model_tok) -> None:
     assert len({len(r.ids) for r in reqs}) == len(reqs)  # every row needs different padding
     batcher = Batcher(model, tok)
     results = run_all(batcher, reqs)
-    assert list(batcher.batches) == [len(PROMPTS)]  # one left-padded batch, not a loop
+    assert batcher.stepping and max(batcher.batches) == len(PROMPTS)  # stepped together
+    assert batcher.batches[-1] == 1  # finished rows left the batch
     for prompt, budget, (done,) in zip(PROMPTS, budgets, results, strict=True):
         alone = generate(model, tok, [prompt], g.model_copy(update={"max_new_tokens": budget}))[0]
         assert done.text == alone, prompt
@@ -85,7 +88,9 @@ def test_stop_strings_stream_and_cancel(model_tok) -> None:
     assert other[0].text == generate(model, tok, [PROMPTS[0]], g)[0]  # neighbours unaffected
 
 
-def test_decoding_settings_group_batches_and_seeded_samples_run_alone(model_tok) -> None:
+def test_mixed_decoding_settings_share_forwards_and_seeded_samples_equal_generate(
+    model_tok,
+) -> None:
     model, tok = model_tok
     greedy = GenerationConfig(max_new_tokens=5)
     sample = GenerationConfig(max_new_tokens=5, strategy="sample", temperature=1.5)
@@ -94,9 +99,52 @@ def test_decoding_settings_group_batches_and_seeded_samples_run_alone(model_tok)
     reqs += [Request(ids_of(tok, PROMPTS[3]), sample, seed=11)]
     batcher = Batcher(model, tok)
     results = run_all(batcher, reqs)
-    assert sorted(batcher.batches) == [1, 2, 3]  # greedy pair, the n=3 samples, the seeded one
+    assert max(batcher.batches) == 6  # 2 greedy rows, 3 samples, the seeded one: one forward
     assert len(results[2]) == 3
+    assert results[0][0].text == generate(model, tok, [PROMPTS[0]], greedy)[0]
     assert results[3][0].text == generate(model, tok, [PROMPTS[3]], sample, seed=11)[0]
+
+
+def test_request_admitted_mid_flight_finishes_first(model_tok) -> None:
+    """Continuous batching: a short request sent while a long one is decoding joins the running
+    batch at the next step and is answered when its own budget is spent (the old batcher made
+    it wait for the whole long batch); both still answer as `generate` alone."""
+    model, tok = model_tok
+    long_g, short_g = GenerationConfig(max_new_tokens=40), GenerationConfig(max_new_tokens=3)
+    probe = run_all(Batcher(model, tok), [Request(ids_of(tok, p), long_g) for p in PROMPTS])
+    lengths = [done.tokens for (done,) in probe]
+    longest = PROMPTS[lengths.index(max(lengths))]  # the prompt this model answers longest
+    batcher = Batcher(model, tok).start()
+    order: list[str] = []
+    short = Request(ids_of(tok, PROMPTS[0]), short_g)
+
+    def send_short(i: int, text: str) -> None:  # the worker thread, while `long` decodes
+        if not sent:
+            sent.append(i)
+            batcher.submit(short).add_done_callback(lambda _: order.append("short"))
+
+    sent: list[int] = []
+    long = Request(ids_of(tok, longest), long_g, on_delta=send_short)
+    try:
+        batcher.submit(long).add_done_callback(lambda _: order.append("long"))
+        (long_done,), (short_done,) = long.future.result(timeout=120), short.future.result(60)
+    finally:
+        batcher.stop()
+    assert long_done.tokens >= 12  # it ran well past the short one's budget
+    assert order == ["short", "long"]
+    assert 2 in batcher.batches  # they shared forwards
+    assert long_done.text == generate(model, tok, [longest], long_g)[0]
+    assert short_done.text == generate(model, tok, [PROMPTS[0]], short_g)[0]
+
+
+def test_beam_search_goes_through_generate(model_tok) -> None:
+    model, tok = model_tok
+    beam = GenerationConfig(max_new_tokens=6, strategy="beam", num_beams=3)
+    greedy = GenerationConfig(max_new_tokens=6)
+    reqs = [Request(ids_of(tok, PROMPTS[1]), beam), Request(ids_of(tok, PROMPTS[2]), greedy)]
+    beamed, plain = run_all(Batcher(model, tok), reqs)
+    assert beamed[0].text == generate(model, tok, [PROMPTS[1]], beam)[0]
+    assert plain[0].text == generate(model, tok, [PROMPTS[2]], greedy)[0]
 
 
 def test_queue_limit_raises_busy(model_tok) -> None:
