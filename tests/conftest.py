@@ -132,7 +132,7 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
     """One ephemeral Prefect API (SQLite in a temp PREFECT_HOME) for all tests that need it."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=90):
+    with prefect_test_harness(server_startup_timeout=300):  # a loaded 2-core CI box is slow
         yield
 
 
