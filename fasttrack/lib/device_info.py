@@ -15,3 +15,25 @@ def detect_memory() -> tuple[int, str]:
         return props.total_memory, f"CUDA {props.name}, {props.total_memory / 2**30:.1f} GiB"
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return total, f"CPU, system RAM {total / 2**30:.1f} GiB (no CUDA device)"
+
+
+def hardware() -> dict[str, str | int]:
+    """The processor (and GPU) that produced a number, for the manifest: float results can
+    differ between CPU models and GPU architectures even with the same seed and libraries."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    out: dict[str, str | int] = {"cpu": cpu, "cpu_count": os.cpu_count() or 0,
+                                 "torch_threads": torch.get_num_threads()}  # fmt: skip
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["cuda"] = str(torch.version.cuda)
+    return out
