@@ -47,10 +47,17 @@ def eval_spec(
     if cfg.evaluate.generation_rows:
         config["generation"] = cfg.generation.model_dump(mode="json") | {"seed": cfg.seed}
     upstream = {"model": model, "data": data}
+    inputs = {}
     if rag is not None:  # the model answering with retrieved context
         config["rag"] = {"mode": cfg.rag.mode, "top_k": cfg.rag.top_k}
+        config.pop("lm_eval", None)  # the same model as the row without RAG
         upstream["rag"] = rag
-    return STAGE.spec(config, upstream=upstream)
+    elif cfg.evaluate.lm_eval is not None:
+        from fasttrack.lib.lm_eval_run import tasks_hash
+
+        inputs["lm_eval_tasks"] = tasks_hash(cfg.evaluate.lm_eval.include_path)
+        config["lm_eval"]["seed"] = cfg.seed
+    return STAGE.spec(config, upstream=upstream, inputs=inputs)
 
 
 def bootstrap_of(cfg: RunConfig) -> Bootstrap:
@@ -226,6 +233,15 @@ def build_eval(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     }
     metrics |= answer_metrics(cfg, store, spec.upstream["data"], model, tok, scores)
     metrics |= generation_metrics(cfg, store, spec.upstream["data"], model, tok, out, scores)
+    if cfg.evaluate.lm_eval is not None:
+        import tempfile
+
+        from fasttrack.lib.lm_eval_run import run_lm_eval
+
+        with tempfile.TemporaryDirectory() as tmp:
+            harness, tables = run_lm_eval(model, tok, cfg.evaluate.lm_eval, cfg.seed, Path(tmp))
+        metrics |= harness
+        scores |= tables
     metrics = finish(cfg, out, metrics, scores)
     faultpoint.reached("evaluate:samples-written")  # scored and sampled, no metrics.json yet
     protocol["bootstrap"] = cfg.evaluate.bootstrap.model_dump() | {

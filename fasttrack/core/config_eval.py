@@ -115,6 +115,24 @@ class BootstrapConfig(Section):
     level: float = Field(0.95, gt=0.5, lt=1, description="Interval level; 1 - level = test alpha.")
 
 
+class LmEvalConfig(Section):
+    """lm-evaluation-harness tasks run on every evaluated model (needs the `eval` extra)."""
+
+    tasks: list[str] = Field(
+        min_length=1,
+        description="Harness task names: `fasttrack_stdlib_mc` (shipped, offline), tasks under "
+        "include_path, or the harness's own (those fetch their data from the hub).",
+    )
+    include_path: str | None = Field(None, description="Folder of your task YAMLs (relative: "
+                                     "config dir).")  # fmt: skip
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: float | None = Field(
+        None, gt=0, description="Documents per task (< 1: a fraction of them); null = all."
+    )
+    batch_size: int = Field(8, gt=0)
+    max_length: int | None = Field(None, ge=8, description="Context cap; default: the model's.")
+
+
 class EvaluateConfig(Section):
     perplexity: PerplexityConfig = PerplexityConfig()
     answers: AnswersConfig = AnswersConfig()
@@ -122,6 +140,9 @@ class EvaluateConfig(Section):
         16, ge=0, description="Held-out instructions answered per model (ROUGE/BLEU); 0 = off."
     )
     bootstrap: BootstrapConfig = BootstrapConfig()
+    lm_eval: LmEvalConfig | None = Field(
+        None, description="lm-evaluation-harness tasks; scores merge into the metrics table."
+    )
     seeds: list[int] = Field(
         [],
         description="Re-generate the answers under each of these seeds and report the spread of "

@@ -35,9 +35,11 @@ def small_n_note(rows: list[dict[str, Any]]) -> str:
 def metrics_table(evals: dict[str, ArtifactRef]) -> list[dict[str, Any]]:
     """One row per evaluated model (stage name), the metric columns of TABLE_COLUMNS."""
     rows = []
+    harness = sorted({k for ref in evals.values() for k in ref.metrics
+                      if k.startswith("lm_eval.") and not k.endswith(".rows")})  # fmt: skip
     for model, ref in evals.items():
         row: dict[str, Any] = {"model": model}
-        row.update({col: ref.metrics.get(col) for col in TABLE_COLUMNS})
+        row.update({col: ref.metrics.get(col) for col in (*TABLE_COLUMNS, *harness)})
         m = ref.metrics
         counts = {
             "sft_loss": m.get("sft_loss_rows"),
@@ -45,10 +47,12 @@ def metrics_table(evals: dict[str, ArtifactRef]) -> list[dict[str, Any]]:
             "rouge/bleu": m.get("generation_rows"),
             "recall@5": m.get("eval_questions"),
         }
+        counts |= {k.removesuffix(".rows"): m[k] for k in m if k.startswith("lm_eval.")
+                   and k.endswith(".rows")}  # fmt: skip
         row["small_n"] = small_sample_note(counts) or None  # fmt: skip
         row["eval_key"] = ref.short
         ci = m.get("ci") or {}
-        row["ci"] = {col: ci[col] for col in TABLE_COLUMNS if col in ci}
+        row["ci"] = {col: ci[col] for col in row if col in ci}
         rows.append(row)
     return rows
 

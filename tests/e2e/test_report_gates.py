@@ -13,6 +13,7 @@ from tests.conftest import tiny_config_dict, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
 STAGES = ["data", "pretrain", "evaluate"]
+MC = "lm_eval.fasttrack_stdlib_mc.acc"  # the shipped lm-evaluation-harness task, in the table
 
 
 def _artifact(key: str):
@@ -30,6 +31,7 @@ def test_passing_gates_promote_and_the_table_is_in_prefect(tmp_path: Path) -> No
     d = tiny_config_dict(tmp_path / "store", name="gated")
     d["evaluate"]["gates"] = ["pretrain.perplexity < base.perplexity"]
     d["evaluate"]["seeds"] = [1, 2]  # sampled answers re-generated: spread in the report
+    d["evaluate"]["lm_eval"] = {"tasks": ["fasttrack_stdlib_mc"], "limit": 8}  # shipped task
     d["generation"] = {"max_new_tokens": 8, "strategy": "sample"}
     path = write_config(tmp_path / "c.yaml", d)
     summary = pipeline(PipelineParams(config=str(path), stages=STAGES))
@@ -47,7 +49,8 @@ def test_passing_gates_promote_and_the_table_is_in_prefect(tmp_path: Path) -> No
     result = CliRunner().invoke(app, ["report", "gated", "--store", str(tmp_path / "store")])
     assert result.exit_code == 0 and "Promotion gates" in result.stdout
     assert "PASS pretrain.perplexity < base.perplexity" in result.stdout
-    _intervals_verdicts_and_reproducibility(path, summary, table, result.stdout)
+    report = _artifact("fasttrack-report").data  # report.md as published
+    _intervals_verdicts_and_reproducibility(path, summary, table, report)
 
 
 def _intervals_verdicts_and_reproducibility(path: Path, summary, table, report: str) -> None:
@@ -58,13 +61,14 @@ def _intervals_verdicts_and_reproducibility(path: Path, summary, table, report: 
     from fasttrack.lib.evalstats import SCORES_FILE
 
     row = {r["model"]: r for r in summary.table}["pretrain"]
-    for metric in ("perplexity", "rougeL", "bleu", "sft_loss", "pref_accuracy"):
+    for metric in ("perplexity", "rougeL", "bleu", "sft_loss", "pref_accuracy", MC):
         low, high = row["ci"][metric]
         assert low <= row[metric] <= high or metric == "bleu", (metric, row)
     shown = {r["model"]: r for r in table}["pretrain"]
     assert re.fullmatch(r"[\d.e+-]+ \[[\d.e+-]+, [\d.e+-]+\]", shown["perplexity"]), shown
     assert "percentile-bootstrap interval" in report and "## Stage to stage" in report
     assert re.search(r"\| base → pretrain \| perplexity \|.*\| (improved|worse|no sig)", report)
+    assert f" {MC} |" in report  # a column of the report's table
     assert "## Across generation seeds" in report and "| pretrain | rougeL |" in report
     evals = {s.step: s for s in summary.steps if s.step.startswith("evaluate")}
     store = path.parent / "store"
