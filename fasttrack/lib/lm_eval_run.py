@@ -49,7 +49,11 @@ def run_lm_eval(model: Any, tok: Any, cfg: Any, seed: int, workdir: Path) -> tup
     include = [str(builtin_tasks(workdir / "lm_eval_tasks"))]
     if cfg.include_path:
         include.append(str(Path(cfg.include_path).expanduser()))
-    manager = TaskManager(include_path=include)
+    # local tasks first: indexing the harness's thousands of task YAMLs takes minutes on a
+    # loaded 2-core machine, so it happens only when a task is not one of ours / the user's
+    manager = TaskManager(include_path=include, include_defaults=False)
+    if any(t not in manager.all_tasks for t in cfg.tasks):
+        manager = TaskManager(include_path=include)
     missing = [t for t in cfg.tasks if t not in manager.all_tasks]
     if missing:
         raise ModelError(
