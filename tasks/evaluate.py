@@ -218,6 +218,7 @@ def build_eval(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         "perplexity": round(res.perplexity, 4),
         "bits_per_byte": round(res.bits_per_byte or 0.0, 5),
         "eval_tokens": res.tokens,
+        "eval_documents": len(docs),  # the rows of its interval (small_n when few)
     }
     protocol = {
         "split": pcfg.split,

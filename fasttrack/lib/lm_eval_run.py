@@ -79,7 +79,7 @@ def run_lm_eval(model: Any, tok: Any, cfg: Any, seed: int, workdir: Path) -> tup
     for task, values in out["results"].items():
         for key, value in values.items():
             name, _, _filter = key.partition(",")
-            if isinstance(value, int | float) and not name.endswith("_stderr"):
+            if isinstance(value, int | float) and not name.endswith(("_stderr", "sample_len")):
                 metrics[f"lm_eval.{task}.{name}"] = round(float(value), 6)
         samples = sorted(out.get("samples", {}).get(task, []), key=lambda s: s["doc_id"])
         cols = [c for c in _PER_DOC if samples and isinstance(samples[0].get(c), int | float)]

@@ -42,6 +42,7 @@ def metrics_table(evals: dict[str, ArtifactRef]) -> list[dict[str, Any]]:
         row.update({col: ref.metrics.get(col) for col in (*TABLE_COLUMNS, *harness)})
         m = ref.metrics
         counts = {
+            "perplexity": m.get("eval_documents"),
             "sft_loss": m.get("sft_loss_rows"),
             "pref_accuracy": m.get("pref_rows"),
             "rouge/bleu": m.get("generation_rows"),

@@ -120,3 +120,19 @@ def test_compare_refuses_different_rows_and_recall_hits_come_from_ranks() -> Non
     hits = retrieval_table([1, 3, None, 6], [1, 5])
     assert hits["rows"] == [[1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
     assert intervals({"retrieval": hits}, Bootstrap(200))["recall@5"][1] <= 1.0
+
+
+def test_table_rows_keep_floats_and_show_intervals_with_the_small_n_flag() -> None:
+    from fasttrack.core.store import ArtifactRef
+    from fasttrack.lib.tables import display_rows, metrics_table
+
+    ci = {"perplexity": [160.0, 170.5], "rougeL": [0.2, 0.3]}
+    metrics = {"perplexity": 166.7423, "eval_documents": 1, "rougeL": 0.25,
+               "generation_rows": 40, "ci": ci}  # fmt: skip
+    (row,) = metrics_table({"sft": ArtifactRef(stage="evaluate", key="k" * 64, uri="u",
+                                               metrics=metrics)})  # fmt: skip
+    assert row["perplexity"] == 166.7423 and row["ci"]["rougeL"] == [0.2, 0.3]
+    assert row["small_n"] == "perplexity n=1"  # 40 answers are enough; 1 document is not
+    (shown,) = display_rows([row])
+    assert shown["perplexity"] == "166.7 [160, 170.5]" and shown["rougeL"] == "0.25 [0.2, 0.3]"
+    assert "ci" not in shown and shown["bleu"] is None
