@@ -94,7 +94,9 @@ def run(
         steps.add_row(s.step, s.key[:12], f"[{colour}]{s.status}[/]", f"{s.seconds:.1f}")
     show(steps)
     if summary.table:
-        show(rich_table(summary.table))
+        from fasttrack.lib.tables import display_rows
+
+        show(rich_table(display_rows(summary.table)))
     if summary.retrieval:
         show(rich_table(summary.retrieval, title="retrieval (held-out questions)"))
     if summary.report:

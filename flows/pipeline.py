@@ -102,11 +102,11 @@ def pipeline(params: PipelineParams | None = None) -> RunSummary:
                 )  # fmt: skip
             evals = {m: run.collect(p) for m, p in pending.items()}
         table = metrics_table(evals)
-        publish_table(table, cfg.name)
+        publish_table(table, cfg.name, cfg.evaluate.bootstrap.level)
         report_ref = run(report_task, cfg, evals, models, rag)
         publish_report(cfg, report_ref)
         report = str(ArtifactStore(cfg.store).local_path(report_ref) / "report.md")
-        enforce_gates(cfg, table, models)  # a failed gate fails the run, naming it
+        enforce_gates(cfg, table, models, evals)  # a failed gate fails the run, naming it
         if cfg.export.formats:  # only what passed the gates is exported
             target = export_target(cfg, models)
             refs = [run(export_task, cfg, target, data, f, label=f"export:{f}")

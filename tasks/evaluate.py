@@ -17,13 +17,27 @@ from fasttrack.core.errors import ModelError
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
 from fasttrack.lib.datasets import has_kind, read_split
+from fasttrack.lib.device_info import hardware
+from fasttrack.lib.evalstats import (
+    BLEU_COLUMNS,
+    RANKS_FILE,
+    SCORES_FILE,
+    Scores,
+    bleu_rows,
+    intervals,
+    retrieval_table,
+    table,
+)
 from fasttrack.lib.generate import generate
 from fasttrack.lib.models import load_model, max_positions, pick_device
-from fasttrack.lib.perplexity import strided_perplexity, token_stream
-from fasttrack.lib.scoring import completion_loss, preference_accuracy
-from fasttrack.lib.textmetrics import bleu, rouge
+from fasttrack.lib.perplexity import per_document, strided_perplexity, token_documents
+from fasttrack.lib.scoring import preference_margins, preference_summary, score_answers
+from fasttrack.lib.stats import Bootstrap
+from fasttrack.lib.textmetrics import ROUGE_TYPES, bleu, rouge_rows
 
-STAGE = Stage("evaluate", "2")  # 2: row counts of each metric (small samples are flagged)
+# 2: row counts of each metric (small samples are flagged)
+# 3: per-row scores (scores.json) and bootstrap intervals (metrics["ci"])
+STAGE = Stage("evaluate", "3")
 
 
 def eval_spec(
@@ -33,15 +47,29 @@ def eval_spec(
     if cfg.evaluate.generation_rows:
         config["generation"] = cfg.generation.model_dump(mode="json") | {"seed": cfg.seed}
     upstream = {"model": model, "data": data}
+    inputs = {}
     if rag is not None:  # the model answering with retrieved context
         config["rag"] = {"mode": cfg.rag.mode, "top_k": cfg.rag.top_k}
+        config.pop("lm_eval", None)  # the same model as the row without RAG
         upstream["rag"] = rag
-    return STAGE.spec(config, upstream=upstream)
+    elif cfg.evaluate.lm_eval is not None:
+        from fasttrack.lib.lm_eval_run import tasks_hash
+
+        inputs["lm_eval_tasks"] = tasks_hash(cfg.evaluate.lm_eval.include_path)
+        config["lm_eval"]["seed"] = cfg.seed
+    return STAGE.spec(config, upstream=upstream, inputs=inputs)
 
 
-def answer_metrics(cfg: RunConfig, store: ArtifactStore, data: ArtifactRef, model, tok) -> dict:
+def bootstrap_of(cfg: RunConfig) -> Bootstrap:
+    b = cfg.evaluate.bootstrap
+    return Bootstrap(resamples=b.resamples, seed=b.seed, level=b.level)
+
+
+def answer_metrics(
+    cfg: RunConfig, store: ArtifactStore, data: ArtifactRef, model, tok, scores: Scores
+) -> dict:
     """Held-out SFT completion loss and preference accuracy (when the data has those kinds and
-    the tokenizer has a chat template)."""
+    the tokenizer has a chat template); their per-row statistics go into `scores`."""
     a = cfg.evaluate.answers
     out: dict[str, float] = {}
     if not tok.chat_template:
@@ -52,14 +80,19 @@ def answer_metrics(cfg: RunConfig, store: ArtifactStore, data: ArtifactRef, mode
         pairs = [(p, c) for p, c in pairs if p and c]
         if pairs:
             prompts, answers = zip(*pairs, strict=True)
-            loss = completion_loss(model, tok, list(prompts), list(answers), a.max_length)
-            out["sft_loss"] = round(loss, 5)
+            s = score_answers(model, tok, list(prompts), list(answers), a.max_length)
+            out["sft_loss"] = round(-sum(s.logp) / max(sum(s.tokens), 1), 5)
             out["sft_loss_rows"] = len(pairs)
+            scored = zip(s.logp, s.tokens, strict=True)
+            scores["sft"] = table(["nll", "tokens"], [[-lp, n] for lp, n in scored])
     if has_kind(store, data, "preference"):
         rows = read_split(store, data, "preference", a.split)[: a.max_rows]
         if rows:
-            out |= preference_accuracy(model, tok, rows, a.max_length)
+            margins = preference_margins(model, tok, rows, a.max_length)
+            out |= preference_summary(margins)
             out["pref_rows"] = len(rows)
+            won = [[float(m > 0), m] for m in margins]
+            scores["preference"] = table(["pref_accuracy", "pref_margin"], won)
     return out
 
 
@@ -70,10 +103,12 @@ def generation_metrics(
     model,
     tok,
     out: Path,
+    scores: Scores,
     prompt_of=lambda question: question,
 ) -> dict:
     """Answer held-out instructions with the configured decoding; ROUGE/BLEU vs the references.
-    The samples (prompt, reference, prediction) are kept for the report."""
+    The samples (prompt, reference, prediction) are kept for the report, per-row scores in
+    `scores`."""
     n = cfg.evaluate.generation_rows
     if not n or not tok.chat_template or not has_kind(store, data, "sft"):
         return {}
@@ -87,8 +122,33 @@ def generation_metrics(
     with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
         for p, r, g in zip(prompts, refs, preds, strict=True):
             f.write(json.dumps({"prompt": p, "reference": r, "prediction": g}) + "\n")
-    scores = rouge(preds, refs) | {"bleu": bleu(preds, refs)["bleu"]}
-    return {k: round(v, 6) for k, v in scores.items()} | {"generation_rows": len(pairs)}
+    per_row = rouge_rows(preds, refs)
+    scores["generation"] = table(list(ROUGE_TYPES), per_row)
+    scores["bleu"] = table(BLEU_COLUMNS, bleu_rows(preds, refs))
+    result = {k: round(v, 6) for k, v in _text_scores(preds, refs).items()}
+    result["generation_rows"] = len(pairs)
+    if seeds := cfg.evaluate.seeds:  # the same answers re-sampled: how much is decoding luck
+        runs = [
+            _text_scores(generate(model, tok, [prompt_of(p) for p in prompts], cfg.generation,
+                                  seed=seed), refs)
+            for seed in seeds
+        ]  # fmt: skip
+        result["seeds"] = {"seeds": list(seeds)} | {
+            k: [round(r[k], 6) for r in runs] for k in runs[0]
+        }
+    return result
+
+
+def _text_scores(preds: list[str], refs: list[str]) -> dict[str, float]:
+    rows = rouge_rows(preds, refs)
+    means = {k: sum(r[i] for r in rows) / len(rows) for i, k in enumerate(ROUGE_TYPES)}
+    return means | {"bleu": bleu(preds, refs)["bleu"]}
+
+
+def finish(cfg: RunConfig, out: Path, metrics: dict, scores: Scores) -> dict:
+    """Write scores.json; add the bootstrap interval of every metric as `metrics["ci"]`."""
+    (out / SCORES_FILE).write_text(json.dumps(scores))
+    return metrics | {"ci": intervals(scores, bootstrap_of(cfg))}
 
 
 def _last(row: dict, role: str) -> str:
@@ -109,12 +169,21 @@ def build_rag_eval(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         hits = retriever.search(question, k=cfg.rag.top_k, mode=cfg.rag.mode)
         return build_prompt(question, hits)
 
-    metrics = generation_metrics(cfg, store, spec.upstream["data"], model, tok, out, with_context)
+    scores: Scores = {}
+    metrics = generation_metrics(
+        cfg, store, spec.upstream["data"], model, tok, out, scores, with_context
+    )
     mode = cfg.rag.mode
     for k in cfg.rag.eval_ks:
         metrics[f"recall@{k}"] = rag.metrics.get(f"{mode}.recall@{k}")
+    ranks_path = store.local_path(rag) / RANKS_FILE
+    if ranks_path.exists():  # per-question ranks: recall@k intervals and paired tests
+        ranks = json.loads(ranks_path.read_text()).get(mode, [])
+        if ranks:
+            scores["retrieval"] = retrieval_table(ranks, cfg.rag.eval_ks)
+    metrics = finish(cfg, out, metrics, scores)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return BuildResult(metrics=metrics, device={"device": pick_device()})
+    return BuildResult(metrics=metrics, device={"device": pick_device(), **hardware()})
 
 
 def build_eval(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
@@ -130,7 +199,8 @@ def build_eval(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
             f"max_position_embeddings ({limit})"
         )
     texts = [r["text"] for r in read_split(store, spec.upstream["data"], "corpus", pcfg.split)]
-    ids, n_bytes = token_stream(texts, tok, pcfg.max_tokens)
+    ids, lengths, doc_bytes = token_documents(texts, tok, pcfg.max_tokens)
+    n_bytes = sum(doc_bytes)
     device = pick_device()
     res = strided_perplexity(
         model.to(device),
@@ -140,15 +210,20 @@ def build_eval(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         batch_size=pcfg.batch_size,
         text_bytes=n_bytes,
         device=device,
+        per_token=True,
     )
+    docs = per_document(res.token_nll or [], lengths, doc_bytes)
+    scores: Scores = {"documents": table(["nll", "tokens", "bytes"], docs)}
     metrics = {
         "perplexity": round(res.perplexity, 4),
         "bits_per_byte": round(res.bits_per_byte or 0.0, 5),
         "eval_tokens": res.tokens,
+        "eval_documents": len(docs),  # the rows of its interval (small_n when few)
     }
     protocol = {
         "split": pcfg.split,
         "documents": len(texts),
+        "documents_scored": len(docs),
         "max_length": res.max_length,
         "stride": res.stride,
         "windows": res.windows,
@@ -157,13 +232,28 @@ def build_eval(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         "bytes": res.bytes,
         "weighting": "token-weighted sum of NLL over scored tokens; context tokens masked",
     }
-    metrics |= answer_metrics(cfg, store, spec.upstream["data"], model, tok)
-    metrics |= generation_metrics(cfg, store, spec.upstream["data"], model, tok, out)
+    metrics |= answer_metrics(cfg, store, spec.upstream["data"], model, tok, scores)
+    metrics |= generation_metrics(cfg, store, spec.upstream["data"], model, tok, out, scores)
+    if cfg.evaluate.lm_eval is not None:
+        import tempfile
+
+        from fasttrack.lib.lm_eval_run import run_lm_eval
+
+        with tempfile.TemporaryDirectory() as tmp:
+            harness, tables = run_lm_eval(model, tok, cfg.evaluate.lm_eval, cfg.seed, Path(tmp))
+        metrics |= harness
+        scores |= tables
+    metrics = finish(cfg, out, metrics, scores)
     faultpoint.reached("evaluate:samples-written")  # scored and sampled, no metrics.json yet
+    protocol["bootstrap"] = cfg.evaluate.bootstrap.model_dump() | {
+        "unit": "row; document for perplexity, bits_per_byte"
+    }
     (out / "metrics.json").write_text(json.dumps({**metrics, "protocol": protocol}, indent=2))
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     return BuildResult(
-        metrics=metrics, device={"device": device, "dtype": dtype}, extra={"protocol": protocol}
+        metrics=metrics,
+        device={"device": device, "dtype": dtype, **hardware()},
+        extra={"protocol": protocol},
     )
 
 

@@ -25,6 +25,7 @@ from fasttrack.core.log import get_logger
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore, canonical_json, sha256_file
 from fasttrack.lib.datasets import SPLITS, read_split
+from fasttrack.lib.evalstats import RANKS_FILE
 from fasttrack.lib.rag_eval import eval_set_hash, load_eval_set
 from fasttrack.lib.retrieval import (
     BM25_DIR,
@@ -42,7 +43,7 @@ from fasttrack.lib.retrieval import (
     resolve_embedder,
 )
 
-STAGE = Stage("rag", "1")
+STAGE = Stage("rag", "2")  # 2: ranks.json (per-question ranks: recall@k intervals)
 DOC_SUFFIXES = (".txt", ".md")
 EVAL_SPLITS = ("validation", "test")
 # Query-time knobs: they change no file of the artifact, so they are not part of its key.
@@ -217,19 +218,21 @@ def eval_questions(
 
 def evaluate_retrieval(
     retriever: Retriever, questions: list[tuple[str, str]], ks: list[int]
-) -> tuple[dict[str, float], int]:
-    """(`<mode>.recall@<k>` and `<mode>.mrr` on document level, ranking depth). A document is
+) -> tuple[dict[str, float], int, dict[str, list[int | None]]]:
+    """(`<mode>.recall@<k>` and `<mode>.mrr` on document level, ranking depth, each mode's rank
+    of the expected document per question: None = not retrieved). A document is
     ranked by its best chunk; a hit is a document whose title or id (a path under
     rag.documents, or the row's `id`) is the question's source."""
     ks = sorted(set(ks))
     depth = min(len(retriever), max(100, 10 * max(ks)))
     if not questions:
-        return {}, depth
+        return {}, depth, {}
     ranked = retriever.rank([q for q, _ in questions], depth)
     doc_of, title_of = retriever.chunks["doc_id"], retriever.chunks["title"]
     metrics: dict[str, float] = {}
+    all_ranks: dict[str, list[int | None]] = {}
     for mode in MODES:
-        ranks: list[int | None] = []
+        ranks: list[int | None] = all_ranks.setdefault(mode, [])
         for (_, source), hits in zip(questions, ranked[mode], strict=True):
             seen: set[str] = set()
             rank = None
@@ -246,7 +249,7 @@ def evaluate_retrieval(
                 float(np.mean([bool(r and r <= k) for r in ranks])), 4
             )
         metrics[f"{mode}.mrr"] = round(float(np.mean([1 / r if r else 0.0 for r in ranks])), 4)
-    return metrics, depth
+    return metrics, depth, all_ranks
 
 
 def write_chunks(path: Path, chunks: list[Chunk]) -> None:
@@ -296,7 +299,8 @@ def build_rag(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     else:
         questions = eval_questions(store, data, {d.title for d in docs})
         asked = f"user turn of sft {'+'.join(EVAL_SPLITS)} rows whose source is indexed"
-    scores, depth = evaluate_retrieval(retriever, questions, rag.eval_ks)
+    scores, depth, ranks = evaluate_retrieval(retriever, questions, rag.eval_ks)
+    (out / RANKS_FILE).write_text(json.dumps(ranks))
     metrics: dict[str, Any] = {
         "documents": len(docs),
         "chunks": len(chunks),

@@ -17,8 +17,11 @@ from fasttrack.core.config import RunConfig
 from fasttrack.core.log import get_logger
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
-from fasttrack.lib.gates import check_gates, describe
+from fasttrack.lib.evalstats import load_scores, stage_verdicts
+from fasttrack.lib.gates import describe, run_gates
+from fasttrack.lib.stats import Bootstrap
 from fasttrack.lib.tables import (
+    display_rows,
     export_row,
     export_table,
     metrics_table,
@@ -26,7 +29,7 @@ from fasttrack.lib.tables import (
     small_n_note,
 )
 
-STAGE = Stage("report", "1")
+STAGE = Stage("report", "2")  # 2: intervals and stage-to-stage verdicts
 REPORT_KEY = "fasttrack-report"
 TRAINING = ("pretrain", "sft", "dpo")
 
@@ -43,7 +46,9 @@ def report_spec(
     if rag is not None:
         upstream["rag"] = rag
     upstream |= {f"export:{ref.metrics['format']}": ref for ref in exports or []}
-    return STAGE.spec({"run": cfg.name, "gates": cfg.evaluate.gates}, upstream)
+    config = {"run": cfg.name, "gates": cfg.evaluate.gates}
+    config["bootstrap"] = cfg.evaluate.bootstrap.model_dump(mode="json")  # tests and intervals
+    return STAGE.spec(config, upstream)
 
 
 def _md_table(rows: list[dict[str, Any]]) -> str:
@@ -59,6 +64,35 @@ def _md_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _verdict_table(verdicts: list[dict[str, Any]]) -> str:
+    rows = [
+        {
+            "from → to": f"{v['from']} → {v['to']}", "metric": v["metric"],
+            "from": v["from_value"], "to": v["to_value"], "Δ": v["delta"],
+            "p": v["p_value"], "rows": v["rows"], "verdict": v["verdict"],
+        }
+        for v in verdicts
+    ]  # fmt: skip
+    return _md_table(rows)
+
+
+def seed_spread(evals: dict[str, ArtifactRef]) -> list[dict[str, Any]]:
+    """Per model and generation metric: mean, sd, min and max over `evaluate.seeds`."""
+    import statistics
+
+    rows = []
+    for model, ref in evals.items():
+        runs = ref.metrics.get("seeds") or {}
+        for metric, values in runs.items():
+            if metric == "seeds" or metric not in ("rougeL", "bleu", "rouge1"):
+                continue
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            rows.append({"model": model, "metric": metric, "mean": statistics.fmean(values),
+                         "sd": sd, "min": min(values), "max": max(values),
+                         "seeds": len(values)})  # fmt: skip
+    return rows
+
+
 def render(
     cfg: RunConfig,
     table: list,
@@ -66,17 +100,38 @@ def render(
     gates: list,
     samples: dict,
     plots: list,
+    verdicts: list | None = None,
+    spread: list | None = None,
     exports: list | None = None,
 ) -> str:
+    level = cfg.evaluate.bootstrap.level
+    b = cfg.evaluate.bootstrap
     parts = [
         f"# FastTrack report: `{cfg.name}`",
         "",
         "## Models on held-out data",
         "",
-        _md_table(table),
+        _md_table(display_rows(table)),
+        "",
+        f"_[low, high]: {level:.0%} percentile-bootstrap interval ({b.resamples} resamples of "
+        f"the rows, seed {b.seed}; perplexity and bits/byte resample documents)._",
     ]
     if note := small_n_note(table):
         parts += ["", note]
+    if verdicts:
+        parts += [
+            "",
+            "## Stage to stage",
+            "",
+            f"Paired approximate-randomization test on the same rows ({b.resamples} "
+            f"resamples); a change is significant when p < {1 - level:.2g}.",
+            "",
+            _verdict_table(verdicts),
+        ]
+    if spread:
+        parts += ["", "## Across generation seeds", "", f"Answers re-generated with each of "
+                  f"evaluate.seeds {cfg.evaluate.seeds} ({cfg.generation.strategy} decoding).",
+                  "", _md_table(spread)]  # fmt: skip
     if retrieval:
         parts += ["", "## Retrieval (held-out questions)", "", _md_table(retrieval)]
         if note := small_n_note(retrieval):
@@ -114,7 +169,10 @@ def build_report(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     }
     table = metrics_table(evals)
     retrieval = retrieval_table(spec.upstream["rag"]) if "rag" in spec.upstream else []
-    gates = check_gates(cfg.evaluate.gates, table)
+    gates = run_gates(cfg, table, evals)
+    b = cfg.evaluate.bootstrap
+    boot = Bootstrap(b.resamples, b.seed, b.level)
+    verdicts = [v.row(1 - b.level) for v in stage_verdicts(load_scores(store, evals), boot)]
     samples = {}
     for model, ref in evals.items():
         path = store.local_path(ref) / "samples.jsonl"
@@ -123,9 +181,17 @@ def build_report(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     exports = [export_row(r.metrics, r.key) for k, r in spec.upstream.items()
                if k.startswith("export:")]  # fmt: skip
     plots = make_plots(store, models, table, out)
-    (out / "report.md").write_text(render(cfg, table, retrieval, gates, samples, plots, exports))
-    summary = {"table": table, "retrieval": retrieval, "gates": [g.__dict__ for g in gates],
-               "exports": exports}  # fmt: skip
+    spread = seed_spread(evals)
+    report = render(cfg, table, retrieval, gates, samples, plots, verdicts, spread, exports)
+    (out / "report.md").write_text(report)
+    summary = {
+        "table": table,
+        "retrieval": retrieval,
+        "gates": [g.__dict__ for g in gates],
+        "verdicts": verdicts,
+        "seed_spread": spread,
+        "exports": exports,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     metrics = {
         "gates_passed": sum(g.passed for g in gates),

@@ -101,8 +101,36 @@ class AnswersConfig(Section):
 
 GATE_RE = re.compile(
     r"^\s*(?P<model>[a-z][a-z0-9_+]*)\.(?P<metric>[A-Za-z0-9_@.]+)\s*(?P<op>>=|<=|==|>|<)\s*"
-    r"(?P<rhs>[a-z][a-z0-9_+]*\.[A-Za-z0-9_@.]+|-?\d+(\.\d+)?([eE]-?\d+)?)\s*$"
+    r"(?P<rhs>[a-z][a-z0-9_+]*\.[A-Za-z0-9_@.]+|-?\d+(\.\d+)?([eE]-?\d+)?)"
+    r"(\s+(?P<significant>significant))?\s*$"
 )
+
+
+class BootstrapConfig(Section):
+    """Intervals (percentile bootstrap over rows / documents) and the paired tests between
+    models (approximate randomization on the same rows); seeded, so numbers repeat."""
+
+    resamples: int = Field(1000, ge=100, le=100_000)
+    seed: int = 0
+    level: float = Field(0.95, gt=0.5, lt=1, description="Interval level; 1 - level = test alpha.")
+
+
+class LmEvalConfig(Section):
+    """lm-evaluation-harness tasks run on every evaluated model (needs the `eval` extra)."""
+
+    tasks: list[str] = Field(
+        min_length=1,
+        description="Harness task names: `fasttrack_stdlib_mc` (shipped, offline), tasks under "
+        "include_path, or the harness's own (those fetch their data from the hub).",
+    )
+    include_path: str | None = Field(None, description="Folder of your task YAMLs (relative: "
+                                     "config dir).")  # fmt: skip
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: float | None = Field(
+        None, gt=0, description="Documents per task (< 1: a fraction of them); null = all."
+    )
+    batch_size: int = Field(8, gt=0)
+    max_length: int | None = Field(None, ge=8, description="Context cap; default: the model's.")
 
 
 class EvaluateConfig(Section):
@@ -111,10 +139,21 @@ class EvaluateConfig(Section):
     generation_rows: int = Field(
         16, ge=0, description="Held-out instructions answered per model (ROUGE/BLEU); 0 = off."
     )
+    bootstrap: BootstrapConfig = BootstrapConfig()
+    lm_eval: LmEvalConfig | None = Field(
+        None, description="lm-evaluation-harness tasks; scores merge into the metrics table."
+    )
+    seeds: list[int] = Field(
+        [],
+        description="Re-generate the answers under each of these seeds and report the spread of "
+        "ROUGE/BLEU (meaningful with generation.strategy: sample; greedy repeats itself).",
+        max_length=32,
+    )
     gates: list[str] = Field(
         [],
         description="Promotion gates, e.g. `sft.rougeL >= base.rougeL`, `dpo.pref_accuracy >= "
-        "0.6`, `pretrain.perplexity < base.perplexity`; a failed gate fails the run.",
+        "0.6`, `pretrain.perplexity < base.perplexity`, `sft.rougeL > base.rougeL significant` "
+        "(also needs the paired test's p < 1 - bootstrap.level); a failed gate fails the run.",
     )
 
     @model_validator(mode="after")
@@ -124,6 +163,12 @@ class EvaluateConfig(Section):
                 raise ValueError(
                     f"gates.{i}: {gate!r} is not `<model>.<metric> <op> <number|model.metric>` "
                     "(op: >=, >, <=, <, ==)"
+                )
+            m = GATE_RE.match(gate)
+            if m and m["significant"] and not m["rhs"][0].isalpha():
+                raise ValueError(
+                    f"gates.{i}: {gate!r}: `significant` compares two models on the same rows; "
+                    "the right side must be `<model>.<metric>`, not a number"
                 )
         return self
 

@@ -65,10 +65,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def resolve_paths(raw: dict[str, Any], base: Path) -> None:
     """Make the input paths of a config absolute, relative to the config file's folder `base`
     (so a config means the same files from any working directory): source paths, a local
-    model dir, rag.documents, rag.eval.path. URLs (`hf://`, `s3://`), `demo:` names and hub
-    ids are left alone; a model name is a path when it starts with `.`, `/` or `~`, or when
-    it exists beside the config. `store` stays relative to the working directory, like every
-    command's `--store`."""
+    model dir, rag.documents, rag.eval.path, evaluate.lm_eval.include_path. URLs (`hf://`,
+    `s3://`), `demo:` names and hub ids are left alone; a model name is a path when it starts
+    with `.`, `/` or `~`, or when it exists beside the config. `store` stays relative to the
+    working directory, like every command's `--store`."""
 
     def fix(section: Any, key: str, model: bool = False) -> None:
         value = section.get(key) if isinstance(section, dict) else None
@@ -89,6 +89,8 @@ def resolve_paths(raw: dict[str, Any], base: Path) -> None:
     rag = raw.get("rag")
     fix(rag, "documents")
     fix(rag.get("eval") if isinstance(rag, dict) else None, "path")
+    ev = raw.get("evaluate")
+    fix(ev.get("lm_eval") if isinstance(ev, dict) else None, "include_path")
 
 
 def field_line(path: Path, field: str) -> int | None:

@@ -39,7 +39,8 @@ _STAGE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _RESERVED = {"tmp", "work", "locks", "quarantine", "verified"}
 _VERSIONED = ("torch", "transformers", "tokenizers", "datasets", "peft", "trl", "accelerate",
-              "bitsandbytes", "prefect", "numpy", "pyarrow", "llm-fasttrack")  # fmt: skip
+              "bitsandbytes", "prefect", "numpy", "pyarrow", "llm-fasttrack", "rouge-score",
+              "sacrebleu", "sentence-transformers", "faiss-cpu", "lm-eval")  # fmt: skip
 
 
 class CorruptArtifact(StoreError):

@@ -31,3 +31,25 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise ValueError(f"not a memory size: {text!r} (must be positive)")
     return size
+
+
+def hardware() -> dict[str, str | int]:
+    """The processor (and GPU) that produced a number, for the manifest: float results can
+    differ between CPU models and GPU architectures even with the same seed and libraries."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    out: dict[str, str | int] = {"cpu": cpu, "cpu_count": os.cpu_count() or 0,
+                                 "torch_threads": torch.get_num_threads()}  # fmt: skip
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["cuda"] = str(torch.version.cuda)
+    return out

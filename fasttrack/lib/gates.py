@@ -1,6 +1,8 @@
 """Promotion gates: conditions on the comparison table that a run must meet to be promoted.
 
-A gate is `<model>.<metric> <op> <number | model.metric>` (validated when the config loads).
+A gate is `<model>.<metric> <op> <number | model.metric> [significant]` (validated when the
+config loads); `significant` also needs the paired randomization test of the two models on the
+same rows (fasttrack/lib/evalstats.py) to give p < 1 - evaluate.bootstrap.level.
 All gates are checked and reported together; any failure fails the flow run with the gates and
 their values named (the artifacts stay, so the run can be inspected), and a passing run records
 its newest model in the store's `promoted.json` under the config's name.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import operator
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +29,10 @@ OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt,
 ALIASES = {"rouge_l": "rougeL", "rouge_1": "rouge1", "rouge_2": "rouge2", "rouge_lsum": "rougeLsum"}
 
 
+# (left model, right model, metric) -> p-value of their paired test, None when not testable
+PValue = Callable[[str, str, str], float | None]
+
+
 class GateError(FastTrackError):
     """One or more promotion gates failed."""
 
@@ -37,6 +44,7 @@ class GateResult:
     left: float | None
     right: float | None
     detail: str = ""
+    p_value: float | None = None
 
 
 def _value(table: dict[str, dict[str, Any]], model: str, metric: str) -> float | None:
@@ -44,8 +52,14 @@ def _value(table: dict[str, dict[str, Any]], model: str, metric: str) -> float |
     return float(value) if isinstance(value, int | float) else None
 
 
-def check_gates(gates: list[str], rows: list[dict[str, Any]]) -> list[GateResult]:
-    """Evaluate every gate against the table rows (one row per model)."""
+def check_gates(
+    gates: list[str],
+    rows: list[dict[str, Any]],
+    p_value: PValue | None = None,
+    alpha: float = 0.05,
+) -> list[GateResult]:
+    """Evaluate every gate against the table rows (one row per model); `significant` gates ask
+    `p_value` (no function or no per-row scores: the gate fails, saying why)."""
     table = {row["model"]: row for row in rows}
     results = []
     for gate in gates:
@@ -64,13 +78,28 @@ def check_gates(gates: list[str], rows: list[dict[str, Any]]) -> list[GateResult
             detail = f"{', '.join(missing)} not in the table (models: {have})"
             results.append(GateResult(gate, False, left, right, detail))
             continue
-        results.append(GateResult(gate, bool(OPS[m["op"]](left, right)), left, right))
+        passed = bool(OPS[m["op"]](left, right))
+        if not m["significant"]:
+            results.append(GateResult(gate, passed, left, right))
+            continue
+        metric = ALIASES.get(m["metric"], m["metric"])
+        right_model, right_metric = rhs.split(".", 1)
+        p = None
+        if p_value is not None and ALIASES.get(right_metric, right_metric) == metric:
+            p = p_value(m["model"], right_model, metric)
+        if p is None:
+            detail = f"no paired per-row scores of {metric} for {m['model']} and {right_model}"
+            results.append(GateResult(gate, False, left, right, detail))
+            continue
+        results.append(GateResult(gate, passed and p < alpha, left, right, p_value=p))
     return results
 
 
 def describe(result: GateResult) -> str:
     state = "PASS" if result.passed else "FAIL"
     values = result.detail or f"{result.left:.6g} vs {result.right:.6g}"
+    if result.p_value is not None:
+        values += f", p={result.p_value:.3g}"
     return f"{state} {result.gate} ({values})"
 
 
@@ -112,11 +141,31 @@ def promote_or_fail(
     return record
 
 
-def enforce_gates(cfg: Any, table: list[dict[str, Any]], models: dict[str, ArtifactRef]) -> None:
+def run_gates(
+    cfg: Any, table: list[dict[str, Any]], evals: dict[str, ArtifactRef] | None = None
+) -> list[GateResult]:
+    """check_gates with the paired tests of the evaluations' per-row scores (for `significant`)."""
+    from fasttrack.lib.evalstats import load_scores, pvalue_fn
+    from fasttrack.lib.stats import Bootstrap
+
+    b = cfg.evaluate.bootstrap
+    p_value = None
+    if evals and any(GATE_RE.match(g)["significant"] for g in cfg.evaluate.gates):  # type: ignore[index]
+        scores = load_scores(ArtifactStore(cfg.store), evals)
+        p_value = pvalue_fn(scores, Bootstrap(b.resamples, b.seed, b.level))
+    return check_gates(cfg.evaluate.gates, table, p_value, alpha=1 - b.level)
+
+
+def enforce_gates(
+    cfg: Any,
+    table: list[dict[str, Any]],
+    models: dict[str, ArtifactRef],
+    evals: dict[str, ArtifactRef] | None = None,
+) -> None:
     """Fail the run on a failed gate; otherwise promote its newest model (DPO > SFT > ...)."""
     from fasttrack.lib.chain import MODEL_ORDER
 
-    results = check_gates(cfg.evaluate.gates, table)
+    results = run_gates(cfg, table, evals)
     newest = next((models[m] for m in MODEL_ORDER if m in models), None)
     if newest is not None:
         promote_or_fail(ArtifactStore(cfg.store), cfg.name, results, newest)

@@ -21,6 +21,7 @@ import inspect
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -34,6 +35,7 @@ class PerplexityResult:
     max_length: int
     stride: int
     windows: int
+    token_nll: list[float] | None = None  # per input position when asked; NaN = not scored
 
 
 def _windows(n: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -99,14 +101,13 @@ def _last_logits(
     return logits[:, -keep:] if logits.size(1) != keep else logits
 
 
-def _nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed token NLL in float64, one window at a time: the fp32 upcast of bf16 logits stays
-    one (T, V) slice, never the whole (B, T, V) batch."""
-    total = torch.zeros((), dtype=torch.float64, device=logits.device)
-    for row, target in zip(logits, labels, strict=True):
-        nll = torch.nn.functional.cross_entropy(row.float(), target, reduction="none")
-        total += nll.double().sum()
-    return total
+def _nll_rows(logits: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+    """Token NLL in float64, one window at a time: the fp32 upcast of bf16 logits stays one
+    (T, V) slice, never the whole (B, T, V) batch."""
+    return [
+        torch.nn.functional.cross_entropy(row.float(), target, reduction="none").double()
+        for row, target in zip(logits, labels, strict=True)
+    ]
 
 
 def strided_perplexity(
@@ -118,8 +119,10 @@ def strided_perplexity(
     batch_size: int = 8,
     text_bytes: int | None = None,
     device: str | torch.device | None = None,
+    per_token: bool = False,
 ) -> PerplexityResult:
-    """Perplexity of ``input_ids`` (1-D token stream) under a causal LM, strided as in HF docs."""
+    """Perplexity of ``input_ids`` (1-D token stream) under a causal LM, strided as in HF docs.
+    ``per_token`` also returns each position's NLL (so callers can total it per document)."""
     if input_ids.dim() == 2 and input_ids.size(0) == 1:
         input_ids = input_ids[0]
     if input_ids.dim() != 1:
@@ -152,12 +155,18 @@ def strided_perplexity(
     kwargs = _forward_kwargs(model)
     nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
+    token_nll = torch.full((n,), math.nan, dtype=torch.float64) if per_token else None
     with torch.inference_mode():
         for (length, n_targets), group in _shape_groups(windows).items():
             for i in range(0, len(group), batch_size):
-                batch = torch.stack([ids[begin:end] for begin, end in group[i : i + batch_size]])
+                spans = group[i : i + batch_size]
+                batch = torch.stack([ids[begin:end] for begin, end in spans])
                 logits = _last_logits(model, batch, n_targets + 1, kwargs)[:, :-1]
-                nll_sum += _nll_sum(logits, batch[:, length - n_targets :])
+                rows = _nll_rows(logits, batch[:, length - n_targets :])
+                for (_, end), nll in zip(spans, rows, strict=True):
+                    nll_sum += nll.sum()
+                    if token_nll is not None:
+                        token_nll[end - n_targets : end] = nll.cpu()
                 tokens += batch.size(0) * n_targets
     nll = float(nll_sum)
     bpb = None if text_bytes is None else nll / math.log(2) / text_bytes
@@ -170,22 +179,47 @@ def strided_perplexity(
         max_length=max_length,
         stride=stride,
         windows=len(windows),
+        token_nll=None if token_nll is None else token_nll.tolist(),
     )
 
 
 def token_stream(texts: list[str], tokenizer, max_tokens: int | None) -> tuple[torch.Tensor, int]:
     """(ids of whole documents, each [BOS +] text + EOS, up to max_tokens; UTF-8 bytes of those
     documents). BOS as in packing: where the tokenizer starts texts with one."""
+    ids, _, doc_bytes = token_documents(texts, tokenizer, max_tokens)
+    return ids, sum(doc_bytes)
+
+
+def token_documents(
+    texts: list[str], tokenizer, max_tokens: int | None
+) -> tuple[torch.Tensor, list[int], list[int]]:
+    """token_stream's ids plus each kept document's token count and UTF-8 bytes, in order (the
+    units a per-document bootstrap resamples)."""
     from fasttrack.core.templates import document_bos
 
     head = [] if (bos := document_bos(tokenizer)) is None else [bos]
     ids: list[int] = []
-    n_bytes = 0
+    lengths: list[int] = []
+    doc_bytes: list[int] = []
     for text in texts:
         body = tokenizer(text, add_special_tokens=False)["input_ids"]
         doc = head + body + [tokenizer.eos_token_id]
         if max_tokens and ids and len(ids) + len(doc) > max_tokens:
             break
-        ids.extend(doc[:max_tokens] if max_tokens else doc)
-        n_bytes += len(text.encode("utf-8"))
-    return torch.tensor(ids, dtype=torch.long), n_bytes
+        doc = doc[:max_tokens] if max_tokens else doc
+        ids.extend(doc)
+        lengths.append(len(doc))
+        doc_bytes.append(len(text.encode("utf-8")))
+    return torch.tensor(ids, dtype=torch.long), lengths, doc_bytes
+
+
+def per_document(
+    token_nll: list[float], lengths: list[int], doc_bytes: list[int]
+) -> list[list[float]]:
+    """[NLL, scored tokens, bytes] of each document from per-position NLL (NaN: not scored)."""
+    nll = np.asarray(token_nll, dtype=np.float64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(int)
+    scored = ~np.isnan(nll)
+    sums = np.add.reduceat(np.where(scored, nll, 0.0), starts)
+    counts = np.add.reduceat(scored.astype(np.int64), starts)
+    return [[float(s), int(c), b] for s, c, b in zip(sums, counts, doc_bytes, strict=True)]

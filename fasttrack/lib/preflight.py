@@ -39,7 +39,27 @@ def preflight(cfg: RunConfig, stages: Iterable[str]) -> None:
         check_rag_inputs(cfg)
     if wanted & MODEL_STAGES:
         check_model(cfg, wanted)
+    if "evaluate" in wanted:
+        check_lm_eval(cfg)
     _PASSED.add(token)
+
+
+def check_lm_eval(cfg: RunConfig) -> None:
+    """evaluate.lm_eval: the harness installed and include_path a folder (before any stage)."""
+    import importlib.util
+
+    lm = cfg.evaluate.lm_eval
+    if lm is None:
+        return
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError(
+            f"{where(cfg, 'evaluate.lm_eval')}: lm-evaluation-harness is not installed: "
+            "pip install 'llm-fasttrack[eval]'"
+        )
+    if lm.include_path and not Path(lm.include_path).expanduser().is_dir():
+        raise DataError(
+            f"{where(cfg, 'evaluate.lm_eval.include_path')}: {lm.include_path}: no such folder{REL}"
+        )
 
 
 # ---- data ----------------------------------------------------------------------------------

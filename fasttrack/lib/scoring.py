@@ -76,15 +76,25 @@ def completion_loss(model: Any, tok: Any, prompts: list[str], answers: list[str]
     return -sum(s.logp) / max(sum(s.tokens), 1)
 
 
+def preference_margins(
+    model: Any, tok: Any, rows: list[dict[str, str]], max_length: int
+) -> list[float]:
+    """log p(chosen) - log p(rejected) of each pair (> 0: the model prefers the chosen)."""
+    prompts = [r["prompt"] for r in rows]
+    chosen = score_answers(model, tok, prompts, [r["chosen"] for r in rows], max_length)
+    rejected = score_answers(model, tok, prompts, [r["rejected"] for r in rows], max_length)
+    return [c - r for c, r in zip(chosen.logp, rejected.logp, strict=True)]
+
+
 def preference_accuracy(
     model: Any, tok: Any, rows: list[dict[str, str]], max_length: int
 ) -> dict[str, float]:
     """Share of pairs where the model gives the chosen answer more log-prob than the rejected,
     and the mean log-prob margin."""
-    prompts = [r["prompt"] for r in rows]
-    chosen = score_answers(model, tok, prompts, [r["chosen"] for r in rows], max_length)
-    rejected = score_answers(model, tok, prompts, [r["rejected"] for r in rows], max_length)
-    margins = [c - r for c, r in zip(chosen.logp, rejected.logp, strict=True)]
+    return preference_summary(preference_margins(model, tok, rows, max_length))
+
+
+def preference_summary(margins: list[float]) -> dict[str, float]:
     return {
         "pref_accuracy": round(sum(m > 0 for m in margins) / max(len(margins), 1), 5),
         "pref_margin": round(sum(margins) / max(len(margins), 1), 5),

@@ -35,18 +35,25 @@ def small_n_note(rows: list[dict[str, Any]]) -> str:
 def metrics_table(evals: dict[str, ArtifactRef]) -> list[dict[str, Any]]:
     """One row per evaluated model (stage name), the metric columns of TABLE_COLUMNS."""
     rows = []
+    harness = sorted({k for ref in evals.values() for k in ref.metrics
+                      if k.startswith("lm_eval.") and not k.endswith(".rows")})  # fmt: skip
     for model, ref in evals.items():
         row: dict[str, Any] = {"model": model}
-        row.update({col: ref.metrics.get(col) for col in TABLE_COLUMNS})
+        row.update({col: ref.metrics.get(col) for col in (*TABLE_COLUMNS, *harness)})
         m = ref.metrics
         counts = {
+            "perplexity": m.get("eval_documents"),
             "sft_loss": m.get("sft_loss_rows"),
             "pref_accuracy": m.get("pref_rows"),
             "rouge/bleu": m.get("generation_rows"),
             "recall@5": m.get("eval_questions"),
         }
+        counts |= {k.removesuffix(".rows"): m[k] for k in m if k.startswith("lm_eval.")
+                   and k.endswith(".rows")}  # fmt: skip
         row["small_n"] = small_sample_note(counts) or None  # fmt: skip
         row["eval_key"] = ref.short
+        ci = m.get("ci") or {}
+        row["ci"] = {col: ci[col] for col in row if col in ci}
         rows.append(row)
     return rows
 
@@ -63,12 +70,41 @@ def retrieval_table(rag: ArtifactRef) -> list[dict[str, Any]]:
     return rows
 
 
-def publish_table(rows: list[dict[str, Any]], run_name: str) -> None:
-    """The metrics table as a Prefect table artifact with a stable key (history in the UI)."""
+def cell(value: Any, interval: list[float] | None = None) -> str | None:
+    """`0.1534 [0.1203, 0.1811]`: the value and its interval, 4 significant digits."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None if value is None else str(value)
+    text = f"{value:.4g}" if abs(value) < 1e4 else f"{value:.1f}"
+    if interval:
+        text += " [" + ", ".join(f"{v:.4g}" if abs(v) < 1e4 else f"{v:.1f}" for v in interval) + "]"
+    return text
+
+
+def display_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows for people (CLI, report, Prefect UI): each metric cell carries its interval; the
+    nested `ci` goes. The data rows themselves keep plain floats (gates, plots, sweeps)."""
+    out = []
+    for row in rows:
+        ci = row.get("ci") or {}
+        shown = {}
+        for col, value in row.items():
+            if col == "ci":
+                continue
+            shown[col] = cell(value, ci.get(col)) if col in ci else value
+        out.append(shown)
+    return out
+
+
+def publish_table(rows: list[dict[str, Any]], run_name: str, level: float = 0.95) -> None:
+    """The metrics table (values with their intervals) as a Prefect table artifact with a
+    stable key (history in the UI)."""
     from prefect.artifacts import create_table_artifact
 
     create_table_artifact(
-        table=rows, key=TABLE_KEY, description=f"FastTrack metrics of run config `{run_name}`"
+        table=display_rows(rows),
+        key=TABLE_KEY,
+        description=f"FastTrack metrics of run config `{run_name}`; [low, high]: "
+        f"{level:.0%} bootstrap interval",
     )
 
 

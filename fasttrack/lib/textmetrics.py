@@ -38,16 +38,23 @@ def rouge(
 ) -> dict[str, float]:
     """Mean ROUGE F-measure over the pairs, keys ``rouge1``, ``rouge2``, ``rougeL``,
     ``rougeLsum``, each in [0, 1]."""
+    rows = rouge_rows(predictions, references, use_stemmer)
+    return {key: sum(r[i] for r in rows) / len(rows) for i, key in enumerate(ROUGE_TYPES)}
+
+
+def rouge_rows(
+    predictions: list[str], references: list[str], use_stemmer: bool = False
+) -> list[list[float]]:
+    """Per-pair ROUGE F-measures, columns in ROUGE_TYPES order (the rows a bootstrap resamples)."""
     from rouge_score import rouge_scorer
 
     _check(predictions, references)
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
-    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    rows = []
     for pred, ref in zip(predictions, references, strict=True):
         scores = scorer.score(ref, pred)  # (target, prediction)
-        for key in ROUGE_TYPES:
-            totals[key] += scores[key].fmeasure
-    return {key: totals[key] / len(predictions) for key in ROUGE_TYPES}
+        rows.append([scores[key].fmeasure for key in ROUGE_TYPES])
+    return rows
 
 
 def bleu(predictions: list[str], references: list[str]) -> dict[str, Any]:

@@ -358,6 +358,11 @@ CASES: list[Case] = [
          _rag_eval_case,
          "<file>:1: missing column 'expected' (rag.eval.columns.expected); columns are: "
          "question", "rag"),
+    Case("lm-eval-include-missing", "data", "`evaluate.lm_eval.include_path` is not a folder",
+         lambda c: (_run(c, evaluate={"lm_eval": {"tasks": ["t"], "include_path": str(
+             c.tmp / "no-tasks")}}), c.tmp / "no-tasks"),
+         "…: evaluate.lm_eval.include_path: <file>: no such folder (relative paths resolve "
+         "against the config file's folder)"),
     Case("secret-block-missing", "data", "`hf_token_secret` names no Prefect Secret block",
          lambda c: (_run(c, "--stages", "data", hf_token_secret="no-such-block"), ""),
          "hf_token_secret: no Prefect Secret block named 'no-such-block' (…)", "data"),

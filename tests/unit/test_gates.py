@@ -71,3 +71,37 @@ def test_malformed_gate_is_a_config_error(tmp_path) -> None:
     d["evaluate"]["gates"] = ["sft.rougeL is better"]
     with pytest.raises(ConfigError, match=r"evaluate: gates.0: 'sft.rougeL is better' is not"):
         load_config(write_config(tmp_path / "c.yaml", d))
+
+
+def test_significant_gate_needs_the_paired_test_to_pass(tmp_path) -> None:
+    """`significant`: the comparison must hold *and* the paired test on the same rows give
+    p < alpha; with no per-row scores the gate fails, saying why."""
+    import numpy as np
+
+    from fasttrack.lib.evalstats import pvalue_fn, table
+    from fasttrack.lib.stats import Bootstrap
+
+    rng = np.random.default_rng(0)
+    base = rng.random(40)
+
+    def gen(rows):
+        return {"generation": table(["rougeL"], [[v] for v in rows])}
+
+    scores = {"base": gen(base), "sft": gen(base + 0.1), "dpo": gen(base + rng.normal(0, 0.01, 40))}
+    rows = [{"model": m, "rougeL": float(np.mean(s["generation"]["rows"]))} for m, s in
+            scores.items()]  # fmt: skip
+    p = pvalue_fn(scores, Bootstrap(500, seed=0))
+    gates = ["sft.rougeL > base.rougeL significant", "dpo.rougeL > base.rougeL significant"]
+    planted, noise = check_gates(gates, rows, p)
+    assert planted.passed and planted.p_value < 0.05
+    assert describe(planted).startswith("PASS sft.rougeL > base.rougeL significant (")
+    assert "p=0.002" in describe(planted)
+    assert not noise.passed and noise.p_value > 0.05  # higher, but not significantly
+    (unscored,) = check_gates(gates[:1], rows)
+    assert not unscored.passed and "no paired per-row scores of rougeL" in unscored.detail
+    d = tiny_config_dict(tmp_path / "s")
+    d["evaluate"]["gates"] = ["sft.rougeL > 0.1 significant"]
+    with pytest.raises(ConfigError, match=r"gates.0: .*the right side must be `<model>.<metric>`"):
+        load_config(write_config(tmp_path / "c.yaml", d))
+    d["evaluate"]["gates"] = gates
+    assert load_config(write_config(tmp_path / "c.yaml", d)).evaluate.gates == gates

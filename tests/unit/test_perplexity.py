@@ -230,3 +230,20 @@ def test_full_logits_fallback(model, ids, wrapper):
     assert max(wrapped.widths) == 32  # full logits really came back
     assert res.tokens == N - 1
     assert res.nll_sum == pytest.approx(ref_nll, rel=1e-5)
+
+
+@pytest.mark.parametrize("stride", [16, 32])
+def test_per_document_nll_adds_up_to_the_stream_and_matches_each_token(model, ids, stride):
+    """The per-document rows a perplexity bootstrap resamples: each position's NLL is the one
+    the strided protocol scored (hand check), and documents add up to the stream's total."""
+    from fasttrack.lib.perplexity import per_document
+
+    res = strided_perplexity(model, ids, max_length=32, stride=stride, per_token=True)
+    lengths = [40, 7, 63, 40]  # documents of the 150-token stream
+    docs = per_document(res.token_nll, lengths, [100, 20, 150, 90])
+    assert sum(d[0] for d in docs) == pytest.approx(res.nll_sum, rel=1e-9)
+    assert sum(d[1] for d in docs) == res.tokens and [d[2] for d in docs] == [100, 20, 150, 90]
+    assert math.isnan(res.token_nll[0])  # the first token has no context
+    t = 50  # scored by the first window reaching it, with that window's context
+    begin = min(b for b in range(0, N, stride) if min(b + 32, N) > t)
+    assert res.token_nll[t] == pytest.approx(_token_nll(model, ids[begin : t + 1]), rel=1e-4)

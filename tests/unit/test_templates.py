@@ -111,7 +111,7 @@ def test_template_value_is_a_name_a_jinja_string_or_a_file(tmp_path: Path) -> No
 
 def test_document_bos_only_where_the_tokenizer_adds_one(family_dir) -> None:
     from fasttrack.lib.models import CHAT_TEMPLATE, build_tokenizer
-    from tasks.evaluate import token_stream
+    from fasttrack.lib.perplexity import token_stream
     from tasks.pack import tokenize_texts
 
     gemma = AutoTokenizer.from_pretrained(family_dir("gemma2"))
