@@ -112,11 +112,15 @@ def promote_or_fail(
     return record
 
 
-def enforce_gates(cfg: Any, table: list[dict[str, Any]], models: dict[str, ArtifactRef]) -> None:
-    """Fail the run on a failed gate; otherwise promote its newest model (DPO > SFT > ...)."""
+def enforce_gates(
+    cfg: Any, table: list[dict[str, Any]], models: dict[str, ArtifactRef]
+) -> dict[str, Any] | None:
+    """Fail the run on a failed gate; otherwise promote its newest model (DPO > SFT > ...) and
+    return the promotion record (None: no gates, nothing promoted)."""
     from fasttrack.lib.chain import MODEL_ORDER
 
     results = check_gates(cfg.evaluate.gates, table)
     newest = next((models[m] for m in MODEL_ORDER if m in models), None)
-    if newest is not None:
-        promote_or_fail(ArtifactStore(cfg.store), cfg.name, results, newest)
+    if newest is None:
+        return None
+    return promote_or_fail(ArtifactStore(cfg.store), cfg.name, results, newest)
