@@ -66,7 +66,8 @@ def swept(tmp_path_factory, mlflow_uri: str, prefect_harness):
         sft={"max_steps": 6, "eval_steps": 6, "save_steps": 6},
         dpo={"max_steps": 4, "eval_steps": 4, "save_steps": 4, "logging_steps": 1},
         evaluate={"gates": ["dpo.pref_accuracy >= 0"]},
-        tracking={"mlflow": {"uri": mlflow_uri, "experiment": "sweep-test"},
+        # timeout_s: this shared machine runs at load ~14, where /health can take >3 s
+        tracking={"mlflow": {"uri": mlflow_uri, "experiment": "sweep-test", "timeout_s": 30},
                   "tensorboard": {"dir": str(tmp / "tb")}},
     )  # fmt: skip
     path = write_config(tmp / "swp.yaml", cfg)
