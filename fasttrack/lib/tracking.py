@@ -218,7 +218,10 @@ class Tracker:
         """Register the promoted model (gates passed) under `mlflow.registered_model`."""
         if not promoted or not self.mlflow_on:
             return
-        self._guard(self._register, promoted)
+        try:
+            self._register(promoted)
+        except Exception as exc:  # the registry is optional on a server: the runs stay logged
+            self.log.warning("tracking: MLflow model registry: %s", str(exc).splitlines()[0])
 
     def _register(self, promoted: dict[str, Any]) -> None:
         ml = self.cfg.tracking.mlflow
@@ -234,7 +237,7 @@ class Tracker:
         ref = ArtifactRef(stage=promoted["stage"], key=promoted["promoted"], uri=promoted["uri"])
         tags = {"fasttrack.stage": ref.stage, "fasttrack.key": ref.key}
         self.client.create_model_version(
-            name, source=_link(ref), run_id=self.parent, tags=tags,
+            name, source=registry_source(ref), run_id=self.parent, tags=tags,
             description=f"{ref.stage} {ref.key[:12]} promoted by run {self.cfg.name}",
         )  # fmt: skip
 
@@ -269,6 +272,14 @@ def curve_points(hist: list[dict[str, Any]]) -> list[tuple[str, float, int]]:
                 split = "eval" if name.startswith("eval_") else "train"
                 out.append((f"{split}/{name.removeprefix('eval_')}", float(value), step))
     return out
+
+
+def registry_source(ref: ArtifactRef) -> str:
+    """The model version's source: the artifact's URL; for a local store `fasttrack-store:` +
+    path, because an MLflow server refuses a local path outside the run's own artifact folder
+    (it would need a copy; the tag `fasttrack.artifact` keeps the file:// link)."""
+    link = _link(ref)
+    return "fasttrack-store:" + link.removeprefix("file://") if link.startswith("file:") else link
 
 
 def _link(ref: ArtifactRef) -> str:
