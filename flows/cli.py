@@ -11,6 +11,8 @@
     fasttrack verify [--store artifacts] [--no-quarantine]   # re-hash every artifact
     fasttrack gc --older-than 7d [--dry-run] [--store artifacts]
     fasttrack export [CONFIG] --format gguf-q8_0 --format merged [--model sft|KEY]
+    fasttrack sweep [CONFIG] --grid dpo.beta=0.05,0.1 --grid adapter.lora.r=8,16 [--max-parallel 2]
+    fasttrack compare RUN_A RUN_B [--store artifacts]   # config + metric diff of two runs
 
 Without PREFECT_API_URL the flow runs on Prefect's ephemeral local API; with a server set, the
 same command shows up in the Prefect UI.
@@ -181,7 +183,7 @@ def zombies() -> None:
 
 
 # The other commands register themselves on `app` when imported.
-from flows import cli_models, cli_store  # noqa: E402, F401
+from flows import cli_models, cli_store, cli_sweep  # noqa: E402, F401
 
 if __name__ == "__main__":
     app()

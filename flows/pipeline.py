@@ -19,6 +19,7 @@ from fasttrack.lib.chain import MODEL_CHAIN, MODEL_ORDER, run_models, walk
 from fasttrack.lib.gates import enforce_gates
 from fasttrack.lib.preflight import preflight
 from fasttrack.lib.tables import metrics_table, publish_table, retrieval_table
+from fasttrack.lib.tracking import Tracker, tracked
 from flows.runner import RunSummary, StepRunner
 from flows.steps import STEPS, check_names
 from tasks.base import base_task
@@ -77,8 +78,16 @@ def pipeline(params: PipelineParams | None = None) -> RunSummary:
     params = params or PipelineParams()
     check_params(params)
     cfg = load_config(params.config, params.overrides)
-    run, wanted, models = StepRunner(params.force), enabled_stages(cfg, params), {}
+    wanted = enabled_stages(cfg, params)
     preflight(cfg, wanted)  # a no-op when the CLI already checked this config
+    with tracked(cfg) as tracker:  # MLflow/TensorBoard (tracking:); never fails the run
+        return _steps(cfg, params, wanted, StepRunner(params.force, on_step=tracker.step), tracker)
+
+
+def _steps(
+    cfg: RunConfig, params: PipelineParams, wanted: set[str], run: StepRunner, tracker: Tracker
+) -> RunSummary:
+    models: dict[str, ArtifactRef] = {}
     report = None
 
     data = run(data_task, cfg)
@@ -103,10 +112,12 @@ def pipeline(params: PipelineParams | None = None) -> RunSummary:
             evals = {m: run.collect(p) for m, p in pending.items()}
         table = metrics_table(evals)
         publish_table(table, cfg.name, cfg.evaluate.bootstrap.level)
+        tracker.table(table)
         report_ref = run(report_task, cfg, evals, models, rag)
         publish_report(cfg, report_ref)
         report = str(ArtifactStore(cfg.store).local_path(report_ref) / "report.md")
-        enforce_gates(cfg, table, models, evals)  # a failed gate fails the run, naming it
+        # a failed gate fails the run, naming it; the promoted model goes to MLflow's registry
+        tracker.register(enforce_gates(cfg, table, models, evals))
         if cfg.export.formats:  # only what passed the gates is exported
             target = export_target(cfg, models)
             refs = [run(export_task, cfg, target, data, f, label=f"export:{f}")

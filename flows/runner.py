@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
 from fasttrack.core.store import ArtifactRef
+from fasttrack.lib.tracking import StepInfo
 
 
 class StepRecord(BaseModel):
@@ -40,9 +42,12 @@ class RunSummary(BaseModel):
 class StepRunner:
     """Run stage tasks with per-step force flags; remember what ran and what was reused."""
 
-    def __init__(self, force: list[str] | None = None):
+    def __init__(
+        self, force: list[str] | None = None, on_step: Callable[[StepInfo], None] | None = None
+    ):
         self.force = set(force or [])
         self.steps: list[StepRecord] = []
+        self.on_step = on_step  # e.g. the run's Tracker (fasttrack/lib/tracking.py)
 
     def __call__(self, task: Any, *args: Any, label: str | None = None) -> ArtifactRef:
         started = time.perf_counter()
@@ -75,4 +80,6 @@ class StepRunner:
         status = "cached" if state.name == "Cached" else "executed"
         self.steps.append(StepRecord(step=step, key=ref.key, status=status,
                                      seconds=round(seconds, 3), metrics=ref.metrics))  # fmt: skip
+        if self.on_step is not None:
+            self.on_step(StepInfo(step, ref, status, round(seconds, 3)))
         return ref

@@ -22,6 +22,7 @@ from fasttrack.core.templates import DEFAULT_TEMPLATE, resolve
 from fasttrack.lib.hub import check_model_dir, hub_kwargs
 from fasttrack.lib.models import (
     CHAT_TEMPLATE,
+    LOAD_LOCK,
     POINTER,
     build_tokenizer,
     fingerprint_dir,
@@ -102,7 +103,8 @@ def build_base(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(cfg.seed)
-    model = LlamaForCausalLM(config)
+    with LOAD_LOCK:  # no other thread's from_pretrained may turn these weights into meta
+        model = LlamaForCausalLM(config)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())

@@ -27,7 +27,7 @@ from fasttrack.lib.adapters import (
     unchanged_tensors,
 )
 from fasttrack.lib.datasets import read_split
-from fasttrack.lib.models import pick_device
+from fasttrack.lib.models import LOAD_LOCK, pick_device
 from fasttrack.lib.scoring import preference_accuracy
 from fasttrack.lib.training import (
     dtype_name,
@@ -140,7 +140,9 @@ def _sft_policy(cfg: RunConfig, model: ArtifactRef, sft: ArtifactRef, trainable:
         )
     base, tok, quant = load_for_training(cfg, model)
     adapter = str(store.local_path(sft))
-    return PeftModel.from_pretrained(base, adapter, is_trainable=trainable), tok, quant
+    with LOAD_LOCK:  # one model load per process at a time (fasttrack/lib/models.py)
+        policy = PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
+    return policy, tok, quant
 
 
 def build_ref(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:

@@ -29,7 +29,7 @@ from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
 from fasttrack.lib.datasets import read_split
 from fasttrack.lib.hub import hub_kwargs
-from fasttrack.lib.models import load_model, model_source, pick_device
+from fasttrack.lib.models import LOAD_LOCK, load_model, model_source, pick_device
 from fasttrack.lib.perplexity import strided_perplexity, token_stream
 from fasttrack.lib.tables import export_row, export_table
 
@@ -78,9 +78,10 @@ def save_quantized(merged_dir: Path, out: Path, bits: int) -> None:
         bnb = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True
         )
-    model = AutoModelForCausalLM.from_pretrained(
-        str(merged_dir), quantization_config=bnb, device_map={"": pick_device()}
-    )
+    with LOAD_LOCK:  # one model load per process at a time (fasttrack/lib/models.py)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(merged_dir), quantization_config=bnb, device_map={"": pick_device()}
+        )
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(str(merged_dir)).save_pretrained(out)
 
@@ -108,7 +109,8 @@ def load_export(fmt: str, path: Path) -> tuple[Any, Any]:
     kwargs: dict[str, Any] = {"gguf_file": gguf_name(fmt)} if fmt.startswith("gguf-") else {}
     if fmt.startswith("bnb-"):
         kwargs["device_map"] = {"": pick_device()}
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
+    with LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
     tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
     return model, tok
 

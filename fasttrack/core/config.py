@@ -14,6 +14,7 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_
 from fasttrack.core.compute import ComputeConfig
 from fasttrack.core.config_base import Section, deprecated
 from fasttrack.core.config_eval import EvaluateConfig, ExportConfig, GenerationConfig, RagConfig
+from fasttrack.core.config_track import SweepConfig, TrackingConfig
 from fasttrack.core.store_remote import check_url
 
 ROOT = Path(__file__).resolve().parents[2]  # the project checkout (editable install)
@@ -282,6 +283,8 @@ class RunConfig(Section):
     generation: GenerationConfig = GenerationConfig()
     compute: ComputeConfig = ComputeConfig()
     export: ExportConfig = ExportConfig()
+    tracking: TrackingConfig = TrackingConfig()  # in no stage key (config_track.py)
+    sweep: SweepConfig = SweepConfig()
     _source: str | None = PrivateAttr(None)  # the config file, for `file:line` in errors
 
     @model_validator(mode="after")

@@ -21,7 +21,13 @@ from fasttrack.core.log import get_logger
 from fasttrack.core.store import ArtifactRef
 from fasttrack.lib.hub import hub_kwargs, weights_kwargs
 from fasttrack.lib.model_files import matches_target
-from fasttrack.lib.models import fix_tokenizer, load_tokenizer, model_source, pick_device
+from fasttrack.lib.models import (
+    LOAD_LOCK,
+    fix_tokenizer,
+    load_tokenizer,
+    model_source,
+    pick_device,
+)
 
 
 @functools.cache
@@ -92,13 +98,14 @@ def load_for_training(cfg: RunConfig, model_ref: ArtifactRef) -> tuple[Any, Any,
     bnb, used = quantization(cfg.adapter.quantization)
     device = pick_device()
     kwargs = hub_kwargs(cfg, revision) | weights_kwargs(cfg)
-    model = AutoModelForCausalLM.from_pretrained(
-        name,
-        dtype=compute_dtype(cfg.adapter.quantization),  # bf16 base on capable CUDA, fp32 on CPU
-        quantization_config=bnb,
-        device_map={"": device} if bnb else None,
-        **kwargs,
-    )
+    with LOAD_LOCK:  # see fasttrack/lib/models.py
+        model = AutoModelForCausalLM.from_pretrained(
+            name,
+            dtype=compute_dtype(cfg.adapter.quantization),  # bf16 base on capable CUDA, fp32 on CPU
+            quantization_config=bnb,
+            device_map={"": device} if bnb else None,
+            **kwargs,
+        )
     if bnb is not None:
         disable_cpu_bf16_repack(model)
         model = prepare_model_for_kbit_training(

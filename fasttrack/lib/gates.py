@@ -161,11 +161,13 @@ def enforce_gates(
     table: list[dict[str, Any]],
     models: dict[str, ArtifactRef],
     evals: dict[str, ArtifactRef] | None = None,
-) -> None:
-    """Fail the run on a failed gate; otherwise promote its newest model (DPO > SFT > ...)."""
+) -> dict[str, Any] | None:
+    """Fail the run on a failed gate; otherwise promote its newest model (DPO > SFT > ...) and
+    return the promotion record (None: no gates, nothing promoted)."""
     from fasttrack.lib.chain import MODEL_ORDER
 
     results = run_gates(cfg, table, evals)
     newest = next((models[m] for m in MODEL_ORDER if m in models), None)
-    if newest is not None:
-        promote_or_fail(ArtifactStore(cfg.store), cfg.name, results, newest)
+    if newest is None:
+        return None
+    return promote_or_fail(ArtifactStore(cfg.store), cfg.name, results, newest)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,12 @@ def cast_checkpoint(path: Path, dtype: torch.dtype) -> None:
         config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+# One model load at a time per process: transformers builds a model under process-global meta-device
+# patching, so two threads loading at once (sweep points, thread-pool evaluations) can leave one
+# model with meta tensors ("Cannot copy out of meta tensor"). Loading is I/O; this costs little.
+LOAD_LOCK = threading.RLock()
+
+
 def load_pretrained(
     cfg: RunConfig,
     name: str,
@@ -169,28 +176,30 @@ def load_pretrained(
     `dtype` defaults to the inference dtype (bf16 on capable CUDA); training passes float32 and
     lets the Trainer's autocast do mixed precision."""
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter = (Path(name) / "adapter_config.json").is_file()  # an SFT/DPO adapter artifact
     if is_local_path(name) and not adapter:
         check_model_dir(Path(name).expanduser(), cfg.model.allow_pickle)
     kwargs = hub_kwargs(cfg, revision) | weights_kwargs(cfg)
     try:
-        tok = AutoTokenizer.from_pretrained(name, **hub_kwargs(cfg, revision))
-        if adapter:
-            from peft import AutoPeftModelForCausalLM
-
-            peft_model = AutoPeftModelForCausalLM.from_pretrained(
-                name, dtype=dtype or pick_dtype(), **kwargs
-            )
-            model = peft_model.merge_and_unload()  # plain weights: faster eval/generation
-        else:
-            model = AutoModelForCausalLM.from_pretrained(
-                name, dtype=dtype or pick_dtype(), **kwargs
-            )
+        with LOAD_LOCK:
+            model, tok = _load(name, adapter, dtype, cfg, revision, kwargs)
     except (OSError, ValueError, SafetensorError) as exc:
         raise load_error(name, exc) from None
     fix_tokenizer(tok, model.config, template)
+    return model, tok
+
+
+def _load(name: str, adapter: bool, dtype: Any, cfg: RunConfig, revision: Any, kwargs: dict):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name, **hub_kwargs(cfg, revision))
+    if adapter:
+        from peft import AutoPeftModelForCausalLM
+
+        peft = AutoPeftModelForCausalLM.from_pretrained(name, dtype=dtype or pick_dtype(), **kwargs)
+        return peft.merge_and_unload(), tok  # plain weights: faster eval/generation
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or pick_dtype(), **kwargs)
     return model, tok
 
 

@@ -113,3 +113,36 @@ def metric_bars(table: list[dict[str, Any]], metrics: list[str], path: Path) -> 
         ax.set_title(metric)
         ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def metric_vs_field(
+    points: list[dict[str, Any]], field: str, metrics: list[str], path: Path
+) -> Path:
+    """Sweep figure: one panel per metric, its value at each point against the swept `field`
+    (points: ``{"delta": {field: value}, "metrics": {metric: value}}``); numeric fields on a
+    numeric axis, others as categories. Raises ``ValueError`` if there is nothing to plot."""
+    panels = []
+    for metric in metrics:
+        pts = [(p["delta"].get(field), v) for p in points
+               if (v := _number(p["metrics"].get(metric))) is not None]  # fmt: skip
+        if pts:
+            panels.append((metric, pts))
+    if not panels:
+        raise ValueError(f"no metric values to plot against {field}")
+    fig, axes = _figure(len(panels))
+    for ax, (metric, pts) in zip(axes, panels, strict=True):
+        numeric = all(_number(x) is not None for x, _ in pts)
+        if numeric:
+            pts = sorted(pts, key=lambda p: float(p[0]))
+            ax.plot([float(x) for x, _ in pts], [y for _, y in pts], marker="o", linestyle="")
+        else:
+            labels = sorted({str(x) for x, _ in pts})
+            ax.plot([labels.index(str(x)) for x, _ in pts], [y for _, y in pts], marker="o",
+                    linestyle="")  # fmt: skip
+            ax.set_xticks(range(len(labels)), labels)
+        if metric in LOG_SCALE_METRICS and all(y > 0 for _, y in pts):
+            ax.set_yscale("log")
+        ax.set_title(f"{metric} vs {field}")
+        ax.set_xlabel(field)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)

@@ -297,6 +297,20 @@ CASES: list[Case] = [
     Case("cli-export-untrained", "cli", "`export` of a run the store has nothing of",
          lambda c: (["export", str(_cfg(c)), "--format", "merged"], c.store),
          "no data artifact for run 'test-tiny' in <file>: run `fasttrack run` first"),
+    Case("cli-sweep-grid-syntax", "cli", "`sweep --grid` without values",
+         lambda c: (["sweep", str(_cfg(c)), "--grid", "dpo.beta"], "dpo.beta"),
+         "--grid <file>: expected FIELD=V1,V2,..., e.g. dpo.beta=0.05,0.1"),
+    Case("cli-sweep-unknown-field", "cli", "`sweep --grid` over a field the config lacks",
+         lambda c: (["sweep", str(_cfg(c)), "--grid", "dpo.betta=0.1,0.2"], _cfg(c)),
+         "sweep point 0 (dpo.betta=0.1): <file>: --set dpo.betta=0.1: dpo.betta: unknown key "
+         "(allowed: …)"),
+    Case("cli-sweep-bad-value", "cli", "a `sweep --grid` value the field rejects",
+         lambda c: (["sweep", str(_cfg(c)), "--grid", "dpo.beta=0.1,-1"], _cfg(c)),
+         "sweep point 1 (dpo.beta=-1): <file>: --set dpo.beta=-1: dpo.beta: Input should be "
+         "greater than 0"),
+    Case("cli-compare-unknown-run", "cli", "`compare` a run the store has no report of",
+         lambda c: (["compare", "a", "b", "--store", str(c.store)], c.store),
+         "report: no report of 'a' in <file> (runs: none)"),
     # --- data files (found by the data stage, inside the flow) ------------------------------
     Case("data-missing-file", "data", "source file does not exist",
          source_case(lambda c: c.tmp / "nope.jsonl"),
