@@ -124,8 +124,13 @@ def _session(path: Path) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _ort_module(session: Any, config: Any) -> Any:
-    """A torch module standing in for the transformer: same inputs, same `last_hidden_state`."""
+def _ort_module(session: Any, config: Any, per_row: bool) -> Any:
+    """A torch module standing in for the transformer: same inputs, same `last_hidden_state`.
+    `per_row` (int8): each text runs alone, without its padding. Dynamic quantization scales
+    activations by the min/max of the whole input tensor, so in a batch a text's vector would
+    depend on its neighbours (cosine 0.996 between two batchings): the index would differ with
+    the order of the corpus, and reused vectors from a full rebuild's."""
+    import numpy as np
     import torch
 
     class OrtTransformer(torch.nn.Module):
@@ -142,7 +147,15 @@ def _ort_module(session: Any, config: Any) -> Any:
                 .cpu().numpy().astype("int64")
                 for n in self.inputs
             }  # fmt: skip
-            (hidden,) = self.session.run(["last_hidden_state"], feeds)
+            if not per_row:
+                (hidden,) = self.session.run(["last_hidden_state"], feeds)
+                return {"last_hidden_state": torch.from_numpy(hidden)}
+            mask = feeds.get("attention_mask", np.ones_like(feeds["input_ids"]))
+            hidden = np.zeros((*mask.shape, self.config.hidden_size), dtype=np.float32)
+            for i, row in enumerate(mask):
+                keep = np.flatnonzero(row)
+                alone = {n: v[i : i + 1, keep] for n, v in feeds.items()}
+                hidden[i, keep] = self.session.run(["last_hidden_state"], alone)[0][0]
             return {"last_hidden_state": torch.from_numpy(hidden)}
 
     return OrtTransformer()
@@ -157,5 +170,5 @@ def on_backend(st: Any, backend: str, store: ArtifactStore, fingerprint: str) ->
         session = _session(path)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ModelError(f"rag.embedder_backend: cannot load {path}: {exc}") from None
-    st[0].model = _ort_module(session, st[0].model.config)
+    st[0].model = _ort_module(session, st[0].model.config, per_row=backend == "onnx-int8")
     return st
