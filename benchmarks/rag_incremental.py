@@ -1,6 +1,6 @@
 """Incremental re-index vs a full rebuild, after changing 1 % of the documents.
 
-    python benchmarks/rag_incremental.py [--backend onnx-int8] [--changed 0.01] [--copies 2]
+    python benchmarks/rag_incremental.py [--backend onnx-int8] [--changed 0.01] [--max-docs N]
 
 The demo documents (stdlib_docs + pydoc_topics, `--copies` times with numbered titles) are
 written to a folder and indexed by the real rag stage (`build_index`, default chunking, Flat
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def write_docs(folder: Path, copies: int) -> list[Path]:
+def write_docs(folder: Path, copies: int, limit: int) -> list[Path]:
     from fasttrack.lib.demo import DEMO_DIR
 
     folder.mkdir(parents=True)
@@ -47,7 +47,7 @@ def write_docs(folder: Path, copies: int) -> list[Path]:
                     path = folder / f"{name}-{c}-{i:04d}.md"
                     path.write_text(f"# {r['title']} ({c})\n\n{r['text']}", encoding="utf-8")
                     files.append(path)
-    return files
+    return files[: limit or None]
 
 
 def config(store: Path, docs: Path, backend: str, tmp: Path):
@@ -79,13 +79,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backend", default="onnx-int8", choices=["torch", "onnx", "onnx-int8"])
     ap.add_argument("--changed", type=float, default=0.01)
-    ap.add_argument("--copies", type=int, default=2)
+    ap.add_argument("--copies", type=int, default=1)
+    ap.add_argument("--max-docs", type=int, default=0, help="0: all")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/rag_incremental.json")
     args = ap.parse_args()
     load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="rag-incr-"))
     try:
-        files = write_docs(tmp / "docs", args.copies)
+        files = write_docs(tmp / "docs", args.copies, args.max_docs)
         inc_store, full_store = tmp / "inc", tmp / "full"
         cfg = config(inc_store, tmp / "docs", args.backend, tmp)
         first, first_wall, m1 = timed_build(cfg)
