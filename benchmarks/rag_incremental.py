@@ -57,7 +57,9 @@ def config(store: Path, docs: Path, backend: str, tmp: Path):
 
     rag = {"documents": str(docs), "index": "flat", "embedder_backend": backend}
     path = tmp / f"{store.name}.yaml"
-    path.write_text(yaml.safe_dump({"name": "bench-incremental", "store": str(store), "rag": rag}))
+    data = {"sources": [{"path": "demo:pydoc_topics", "format": "text"}]}  # unused: documents
+    cfg = {"name": "bench-incremental", "store": str(store), "data": data, "rag": rag}
+    path.write_text(yaml.safe_dump(cfg))
     return load_config(path)
 
 
