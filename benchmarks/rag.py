@@ -3,9 +3,11 @@
     /work/venv/bin/python benchmarks/rag.py [--chunks 500] [--sizes 10000 100000] [--queries 200]
 
 Prints and writes benchmarks/results/rag.json:
-- embed: chunks/s of the real embedder (rag.embedder default, device auto) on ~500 chunks of the
-  demo documents (stdlib_docs + pydoc_topics), chunked with the default ChunkConfig, after a
-  warm-up batch;
+- embed: chunks/s of the real embedder (rag.embedder default) on every chunk of the demo
+  documents (stdlib_docs + pydoc_topics, default ChunkConfig), per backend side by side (torch
+  fp32 = stock sentence-transformers, ONNX Runtime fp32, ONNX Runtime int8), best of
+  `--repeats` passes after a warm-up batch; recall@10 of each backend against exact fp32 search
+  (chunk neighbours of the demo QA questions) and document-level recall@10 on those questions;
 - per size (synthetic unit vectors, dim 384): Flat and HNSW build time, single-query latency
   p50/p99 over `--queries` queries (one query per search call, 1 OpenMP thread, as a server
   answers one request), and HNSW recall@10 against exact Flat results for several efSearch;
@@ -14,7 +16,8 @@ Synthetic vectors are a Gaussian mixture (1 center per 100 vectors, noise 0.6 of
 norm), normalised; queries are fresh draws from the same mixture, not database vectors. Uniform
 random unit vectors (no structure at all) are the worst case for HNSW: `--uniform` adds them
 (about 3.5 min on 2 cores with `--uniform`, most of it building HNSW at 100k). The stored
-results/rag.json comes from `/work/venv/bin/python benchmarks/rag.py --uniform`.
+results/rag.json comes from `python benchmarks/rag.py --uniform` (index part) and then
+`python benchmarks/rag.py --embed-only` (the embedding part; keeps the index results).
 """
 
 from __future__ import annotations
@@ -38,48 +41,102 @@ DIM, K, EF_SEARCH = 384, 10, (16, 32, 64, 128, 256, 512, 1024, 2048)
 GOAL_RECALL, GOAL_P99_MS = 0.98, 10.0
 
 
-def embed_throughput(n_chunks: int) -> dict:
-    from fasttrack.core.config_eval import ChunkConfig, RagConfig
+def demo_passages(tokenizer, n_chunks: int) -> tuple[list, list[tuple[str, str]]]:
+    """(chunks of the demo documents, (question, source title) of the demo QA rows)."""
+    from fasttrack.core.config_eval import ChunkConfig
     from fasttrack.lib.demo import DEMO_DIR
-    from fasttrack.lib.retrieval import Document, Embedder, build_faiss, chunk_document
+    from fasttrack.lib.retrieval import Document, chunk_document
 
-    rag, chunk = RagConfig(), ChunkConfig()
-    t0 = time.perf_counter()
-    emb = Embedder.load(rag.embedder)
-    load_s = time.perf_counter() - t0
-    docs = []
+    chunk, docs, chunks = ChunkConfig(), [], []
     for name in ("stdlib_docs", "pydoc_topics"):
         with open(DEMO_DIR / f"{name}.jsonl", encoding="utf-8") as f:
             rows = [json.loads(line) for line in f]
         docs += [Document(f"{name}/{i}", r.get("title", ""), r["text"]) for i, r in enumerate(rows)]
-    chunks = []
-    t0 = time.perf_counter()
     for d in docs:
-        chunks += chunk_document(d, emb.tokenizer, chunk.size_tokens, chunk.overlap_tokens)
-        if len(chunks) >= n_chunks:
-            break
-    chunk_s = time.perf_counter() - t0
-    passages = [c.passage for c in chunks[:n_chunks]]
-    tokens = [len(emb.tokenizer(p, add_special_tokens=True)["input_ids"]) for p in passages]
-    emb.encode(passages[: rag.batch_size], rag.batch_size)  # warm-up
-    t0 = time.perf_counter()
-    vectors = emb.encode(passages, rag.batch_size)
-    embed_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    build_faiss(vectors, rag)
-    return {
-        "embedder": rag.embedder,
-        "device": emb.device,
-        "model_load_s": round(load_s, 2),
-        "chunks": len(passages),
-        "mean_tokens_per_chunk": round(float(np.mean(tokens)), 1),
-        "chunking_s": round(chunk_s, 3),
-        "embed_s": round(embed_s, 2),
-        "chunks_per_s": round(len(passages) / embed_s, 1),
-        "tokens_per_s": round(sum(tokens) / embed_s),
-        "flat_index_build_s": round(time.perf_counter() - t0, 4),
-        "batch_size": rag.batch_size,
-    }
+        chunks += chunk_document(d, tokenizer, chunk.size_tokens, chunk.overlap_tokens)
+    with open(DEMO_DIR / "stdlib_qa.jsonl", encoding="utf-8") as f:
+        qa = [json.loads(line) for line in f]
+    return chunks[: n_chunks or None], [(r["instruction"], r["source"]) for r in qa]
+
+
+def doc_recall(vectors: np.ndarray, queries: np.ndarray, chunks: list, questions: list) -> float:
+    """Document-level recall@K of exact (Flat) search: the source document among the first K
+    distinct documents of the ranked chunks."""
+    import faiss
+
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    _, ids = index.search(queries, 100)
+    hits = []
+    for (_, source), row in zip(questions, ids, strict=True):
+        seen: list[str] = []
+        for i in row:
+            if chunks[i].title not in seen:
+                seen.append(chunks[i].title)
+        hits.append(source in seen[:K])
+    return round(float(np.mean(hits)), 4)
+
+
+def embed_throughput(n_chunks: int, backends: list[str], repeats: int) -> dict:
+    """Each backend embeds the same chunks (best of `repeats` timed passes after a warm-up);
+    recall@10 of each against exact fp32 (torch) search, on chunks and on the demo questions."""
+    import tempfile
+
+    import faiss
+
+    from fasttrack.core.config_eval import RagConfig
+    from fasttrack.core.store import ArtifactStore
+    from fasttrack.lib.retrieval import Embedder
+
+    rag = RagConfig()
+    store = ArtifactStore(tempfile.mkdtemp(prefix="rag-bench-store-"))
+    out: dict = {"embedder": rag.embedder, "batch_size": rag.batch_size, "backends": {}}
+    vecs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    chunks = questions = None
+    for backend in backends:
+        t0 = time.perf_counter()
+        emb = Embedder.load(rag.embedder, backend, store)
+        load_s = time.perf_counter() - t0  # the ONNX backends: export (first use) + load
+        if chunks is None:
+            chunks, questions = demo_passages(emb.tokenizer, n_chunks)
+            passages = [c.passage for c in chunks]
+            tokens = [len(emb.tokenizer(p)["input_ids"]) for p in passages]
+            out |= {"chunks": len(passages), "questions": len(questions),
+                    "mean_tokens_per_chunk": round(float(np.mean(tokens)), 1)}  # fmt: skip
+        emb.encode(passages[: rag.batch_size], rag.batch_size)  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            v = emb.encode(passages, rag.batch_size)
+            times.append(time.perf_counter() - t0)
+        q = emb.encode([q for q, _ in questions], rag.batch_size)
+        vecs[backend] = (v, q)
+        best = min(times)
+        out["backends"][backend] = {
+            "device": emb.device,
+            "load_s": round(load_s, 2),
+            "embed_s": [round(t, 2) for t in times],
+            "chunks_per_s": round(len(passages) / best, 1),
+            "tokens_per_s": round(sum(tokens) / best),
+            "doc_recall@10": doc_recall(v, q, chunks, questions),
+        }
+    if "torch" in vecs:
+        ref_v, ref_q = vecs["torch"]
+        exact = faiss.IndexFlatIP(ref_v.shape[1])
+        exact.add(ref_v)
+        _, truth = exact.search(ref_q, K)
+        base = out["backends"]["torch"]
+        for backend, (v, q) in vecs.items():
+            index = faiss.IndexFlatIP(v.shape[1])
+            index.add(v)
+            _, got = index.search(q, K)
+            r = out["backends"][backend]
+            overlap = [len(set(a) & set(b)) / K for a, b in zip(got, truth, strict=True)]
+            r["chunk_recall@10_vs_exact_fp32"] = round(float(np.mean(overlap)), 4)
+            r["min_cosine_vs_fp32"] = round(float((v * ref_v).sum(1).min()), 4)
+            r["speedup_vs_torch"] = round(r["chunks_per_s"] / base["chunks_per_s"], 2)
+            r["doc_recall@10_delta"] = round(r["doc_recall@10"] - base["doc_recall@10"], 4)
+    return out
 
 
 def synthetic(n: int, n_queries: int, uniform: bool, seed: int = 0) -> tuple[np.ndarray, ...]:
@@ -150,24 +207,40 @@ def main() -> None:
     import faiss
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--chunks", type=int, default=500)
+    ap.add_argument("--chunks", type=int, default=0, help="0: every chunk of the demo docs")
+    ap.add_argument("--backends", nargs="+", default=["torch", "onnx", "onnx-int8"])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--embed-only", action="store_true", help="keep the stored index results")
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--uniform", action="store_true", help="also uniform random vectors")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/rag.json")
     args = ap.parse_args()
+    load = os.getloadavg()
     result: dict = {
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "faiss": faiss.__version__,
+            "loadavg_1_5_15_before": [round(x, 2) for x in load],
+            "note": "shared machine: other jobs ran on the same cores during the measurement",
         },  # fmt: skip
-        "goal": {"hnsw_recall@10": GOAL_RECALL, "p99_ms_at_100k": GOAL_P99_MS},
-        "embed": embed_throughput(args.chunks),
+        "goal": {
+            "hnsw_recall@10": GOAL_RECALL,
+            "p99_ms_at_100k": GOAL_P99_MS,
+            "embed_speedup_vs_torch_fp32": 2.0,
+            "recall@10_delta_max": 0.01,
+        },  # fmt: skip
+        "embed": embed_throughput(args.chunks, args.backends, args.repeats),
     }
+    result["machine"]["loadavg_1_5_15_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result["embed"], indent=2), flush=True)
-    result["index"] = []
+    if args.embed_only and args.out.is_file():
+        result["index"] = json.loads(args.out.read_text()).get("index", [])
+        args.sizes = []
+    else:
+        result["index"] = []
     for uniform in (False, True) if args.uniform else (False,):
         for n in args.sizes:
             res = index_bench(n, args.queries, uniform)

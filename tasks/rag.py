@@ -3,9 +3,11 @@
 Output artifact: `index.faiss` (stock FAISS, ids = rows of `chunks.parquet`), `chunks.parquet`
 (chunk_id, doc_id, title, section, start, end, text, doc_hash), `embeddings.npy`, `bm25/` (bm25s)
 and `metrics.json`. Embedding is the expensive part, so it is incremental: artifacts with the same
-chunk config and embedder fingerprint form a *family*, and a new corpus re-embeds only documents
-whose sha256 is not in the newest artifact of its family. The build also measures recall@k / MRR
-of dense, BM25 and hybrid retrieval on held-out questions whose source document is known.
+chunk config, embedder fingerprint and embedder backend form a *family*, and a new corpus embeds
+only passages whose sha256 is not in the newest artifact of its family (the others' vectors are
+copied: the artifact equals a full rebuild's, and its key does not depend on what was reused).
+The build also measures recall@k / MRR of dense, BM25 and hybrid retrieval on held-out
+questions whose source document is known.
 """
 
 from __future__ import annotations
@@ -64,11 +66,13 @@ def documents_hash(folder: Path) -> str:
 
 
 def family_of(cfg: RunConfig, embedder_hash: str) -> str:
-    """Artifacts whose chunks and vectors are interchangeable: same chunking, same embedder."""
+    """Artifacts whose vectors are interchangeable: same embedder on the same backend (and
+    the same chunking: a rebuild with another one reuses little)."""
     payload = {
         "version": STAGE.version,
         "chunk": cfg.rag.chunk.model_dump(),
         "embedder": embedder_hash,
+        "backend": cfg.rag.embedder_backend,
     }
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
@@ -145,18 +149,22 @@ def previous_in_family(
     return None
 
 
+def passage_hash(passage: str) -> str:
+    """Identity of an embedding: the exact text the model sees (title + chunk)."""
+    return hashlib.sha256(passage.encode()).hexdigest()
+
+
 def embed_chunks(
-    per_doc: list[list[Chunk]],
+    chunks: list[Chunk],
     embedder: Embedder,
     store: ArtifactStore,
     previous: tuple[ArtifactRef, dict] | None,
     batch_size: int,
 ) -> tuple[np.ndarray, int, int]:
-    """(vectors, embedded, reused): vectors of unchanged documents (same hash and same chunk
-    spans) are copied from `previous`; only the rest goes through the model."""
-    n = sum(map(len, per_doc))
-    vectors = np.zeros((n, embedder.dim), dtype=np.float32)
-    old: dict[str, tuple[list[tuple[int, int]], list[int]]] = {}
+    """(vectors, embedded, reused): a chunk whose passage (by content hash) is in `previous`
+    gets that vector copied; only new passages go through the model."""
+    vectors = np.zeros((len(chunks), embedder.dim), dtype=np.float32)
+    old: dict[str, int] = {}
     if previous is not None:
         ref, manifest = previous
         path = store.local_path(ref)
@@ -170,31 +178,29 @@ def embed_chunks(
             )
         import pyarrow.parquet as pq
 
-        cols = ["doc_id", "doc_hash", "start", "end"]
-        t = pq.read_table(path / CHUNKS_FILE, columns=cols).to_pydict()
-        runs: dict[tuple[str, str], tuple[list[tuple[int, int]], list[int]]] = {}
-        for row, (doc_id, h, s, e) in enumerate(zip(*(t[c] for c in cols), strict=True)):
-            spans, rows = runs.setdefault((doc_id, h), ([], []))
-            spans.append((s, e))
-            rows.append(row)
-        for (_, h), run in runs.items():
-            old.setdefault(h, run)
-    todo: list[int] = []
-    pos = 0
-    for chunks in per_doc:
-        idx = list(range(pos, pos + len(chunks)))
-        pos += len(chunks)
-        if not chunks:
-            continue
-        prev = old.get(chunks[0].doc_hash)
-        if prev is not None and prev[0] == [(c.start, c.end) for c in chunks]:
-            vectors[idx] = old_vecs[prev[1]]
+        t = pq.read_table(path / CHUNKS_FILE, columns=["title", "text"]).to_pydict()
+        for row, (title, text) in enumerate(zip(t["title"], t["text"], strict=True)):
+            passage = Chunk("", title, "", 0, 0, text, "").passage
+            old.setdefault(passage_hash(passage), row)
+    todo, new = [], {}  # new: first row of each passage to embed (duplicates embed once)
+    reuse_rows, reuse_from = [], []
+    for i, c in enumerate(chunks):
+        h = passage_hash(c.passage)
+        if h in old:
+            reuse_rows.append(i)
+            reuse_from.append(old[h])
         else:
-            todo.extend(idx)
+            todo.append(i)
+            new.setdefault(h, i)
+    if reuse_rows:
+        order = np.argsort(reuse_from)  # mmap reads in file order
+        vectors[np.asarray(reuse_rows)[order]] = old_vecs[np.asarray(reuse_from)[order]]
     if todo:
-        flat = [c for chunks in per_doc for c in chunks]
-        vectors[todo] = embedder.encode([flat[i].passage for i in todo], batch_size)
-    return vectors, len(todo), n - len(todo)
+        first = sorted(new.values())
+        encoded = embedder.encode([chunks[i].passage for i in first], batch_size)
+        row_of = {passage_hash(chunks[i].passage): k for k, i in enumerate(first)}
+        vectors[todo] = encoded[[row_of[passage_hash(chunks[i].passage)] for i in todo]]
+    return vectors, len(todo), len(reuse_rows)
 
 
 def eval_questions(
@@ -266,7 +272,7 @@ def build_rag(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     rag, store, log = cfg.rag, ArtifactStore(cfg.store), get_logger()
     data = spec.upstream.get("data")
     docs, skipped = load_documents(cfg, store, data)
-    embedder = Embedder.load(rag.embedder)
+    embedder = Embedder.load(rag.embedder, rag.embedder_backend, store)
     limit = embedder.model.max_seq_length
     if rag.chunk.size_tokens + 16 > limit:
         log.warning(
@@ -282,7 +288,9 @@ def build_rag(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         raise DataError(f"rag: the corpus is empty: {len(docs)} documents, none with text to index")
     family = family_of(cfg, embedder.fingerprint)
     previous = previous_in_family(store, family, spec.key)
-    vectors, embedded, reused = embed_chunks(per_doc, embedder, store, previous, rag.batch_size)
+    t0 = time.perf_counter()
+    vectors, embedded, reused = embed_chunks(chunks, embedder, store, previous, rag.batch_size)
+    embed_s = round(time.perf_counter() - t0, 3)
     log.info("rag: %d chunks, %d embedded, %d reused", len(chunks), embedded, reused)
 
     index, info = build_faiss(vectors, rag)
@@ -292,7 +300,8 @@ def build_rag(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     write_chunks(out / CHUNKS_FILE, chunks)
     build_bm25([c.passage for c in chunks]).save(str(out / BM25_DIR), show_progress=False)
 
-    retriever = Retriever(rag, out, embedder)  # reloads what was written: the query path
+    # reloads what was written: the query path
+    retriever = Retriever(rag, out, embedder, rag.embedder_backend, store)
     if rag.eval is not None:
         questions = load_eval_set(rag.eval, cfg.data.encoding)
         asked = f"rows of rag.eval ({rag.eval.path})"
@@ -324,10 +333,12 @@ def build_rag(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         "embedder": rag.embedder,
         "embedder_path": str(embedder.path),
         "embedder_hash": embedder.fingerprint,
+        "embedder_backend": embedder.backend,
         "dimension": embedder.dim,
         "index_type": info["type"],
         "index": info,
         "reused_from": previous[0].key if previous else None,
+        "embed_s": embed_s,  # reuse lookup + embedding (benchmarks/rag_incremental.py)
         "skipped": skipped,
         "protocol": protocol,
     }

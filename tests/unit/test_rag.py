@@ -156,7 +156,10 @@ def test_incremental_embeds_only_changed_documents(tmp_path: Path, monkeypatch) 
     second = build_index(cfg)
     store = ArtifactStore(cfg.store)
     chunks = pq.read_table(Path(second.uri) / "chunks.parquet").to_pydict()
-    changed = sum(d == "volcano.md" for d in chunks["doc_id"])
+    before = pq.read_table(Path(first.uri) / "chunks.parquet").to_pydict()
+    old_passages = set(zip(before["title"], before["text"], strict=True))
+    changed = sum(p not in old_passages for p in zip(chunks["title"], chunks["text"], strict=True))
+    assert 0 < changed < sum(d == "volcano.md" for d in chunks["doc_id"])  # by passage, not doc
     assert second.key != first.key
     assert encoded[1:] == [changed] and second.metrics["embedded_chunks"] == changed
     assert second.metrics["reused_chunks"] == second.metrics["chunks"] - changed > 0
