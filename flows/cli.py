@@ -12,8 +12,10 @@
     fasttrack gc --older-than 7d [--dry-run] [--store artifacts]
     fasttrack export [CONFIG] --format gguf-q8_0 --format merged [--model sft|KEY]
 
-Without PREFECT_API_URL the flow runs on Prefect's ephemeral local API; with a server set, the
-same command shows up in the Prefect UI.
+Without PREFECT_API_URL the flow runs on a local Prefect API started in the background on first
+use and shared by later commands (`fasttrack server status|stop`;
+FASTTRACK_PREFECT_SERVER=ephemeral: a per-process API instead); with a server set, the same
+command shows up in the Prefect UI.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from flows.cli_common import (
     err,
     rich_table,
     show,
-    start_ephemeral_api,
 )
 
 
@@ -72,11 +73,11 @@ def run(
         _fail(exc)
     if not verbose:
         _quiet_prefect_tracebacks()
+    from flows.prefect_server import use_local_api
     from flows.progress_view import training_progress
 
     try:
-        start_ephemeral_api()
-        with training_progress(err):
+        with use_local_api(), training_progress(err):
             summary = pipeline(params)
     except FastTrackError as exc:
         if verbose:
@@ -173,7 +174,7 @@ def zombies() -> None:
 
 
 # The other commands register themselves on `app` when imported.
-from flows import cli_models, cli_store  # noqa: E402, F401
+from flows import cli_models, cli_server, cli_store  # noqa: E402, F401
 
 if __name__ == "__main__":
     app()

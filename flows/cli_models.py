@@ -20,7 +20,6 @@ from flows.cli_common import (
     err,
     rich_table,
     show,
-    start_ephemeral_api,
 )
 
 
@@ -153,8 +152,10 @@ def export(
     try:
         resolve(params)  # fail fast, before Prefect starts
         _quiet_prefect_tracebacks()
-        start_ephemeral_api()
-        summary = export_flow(params)
+        from flows.prefect_server import use_local_api
+
+        with use_local_api():
+            summary = export_flow(params)
     except FastTrackError as exc:
         _fail(exc)
     steps = ", ".join(f"{s.step} {s.status}" for s in summary.steps)

@@ -21,7 +21,9 @@ import inspect
 import math
 from dataclasses import dataclass
 
-import torch
+from fasttrack.core.lazy import lazy
+
+torch = lazy("torch")  # imported on first use: a cached run never needs it
 
 
 @dataclass(frozen=True)
