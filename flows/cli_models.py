@@ -43,10 +43,6 @@ def ask(
 ) -> None:
     """Answer from the run's RAG index with its newest model (DPO > SFT > pretrain); says why
     newer ones are missing. The untrained base model only with --model base."""
-    import tasks  # noqa: F401  (registers every stage: the model chain computes their keys)
-    from fasttrack.core.config_loader import load_config
-    from fasttrack.lib.ask import answer
-
     if len(args) > 2:
         _fail(FastTrackError('ask: expected [CONFIG] "question" (quote the question)'))
     config, question = (None, args[0]) if len(args) == 1 else args
@@ -55,7 +51,11 @@ def ask(
             from fasttrack.lib.serve_client import ask_server
 
             result = ask_server(server, question, _api_key(api_key_env))
-        else:
+        else:  # --server needs none of this: no Prefect, torch or stage modules to import
+            import tasks  # noqa: F401  (registers every stage: the chain computes their keys)
+            from fasttrack.core.config_loader import load_config
+            from fasttrack.lib.ask import answer
+
             cfg = load_config(config, _split(set_))
             result = answer(cfg, question, k=k, mode=mode, model=model)
     except FastTrackError as exc:
