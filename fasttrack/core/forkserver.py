@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,6 +38,14 @@ from typing import Any
 ENV = "FASTTRACK_FORKSERVER"
 PRELOAD = ("torch", "transformers", "peft", "trl", "datasets", "accelerate")
 _MAX = 1 << 20
+# Read by the preloaded libraries when they are imported (hub paths and offline mode, thread
+# pools, devices): a zygote started under other values is replaced, not forked from.
+IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "MKL_",
+                   "CUDA_", "PYTORCH_", "TORCH_", "PYTHONPATH")  # fmt: skip
+
+
+def import_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(IMPORT_TIME_ENV)}
 
 
 def enabled() -> bool:
@@ -75,6 +84,8 @@ class Zygote:
     def __init__(self) -> None:
         from fasttrack.core.isolation import _set_pdeathsig
 
+        self.env = import_env()
+
         self.dir = Path(tempfile.mkdtemp(prefix="fasttrack-zygote-"))
         self.path = str(self.dir / "sock")
         self.proc = subprocess.Popen(
@@ -90,14 +101,24 @@ class Zygote:
     @classmethod
     def get(cls) -> Zygote:
         with cls._lock:
-            if cls._instance is None or cls._instance.proc.poll() is not None:
+            old = cls._instance
+            if old is None or old.proc.poll() is not None or old.env != import_env():
+                if old is not None:
+                    old.close()
                 cls._instance = Zygote()
             return cls._instance
+
+    def close(self) -> None:
+        """Stop the zygote (its children keep running: they are in their own sessions)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def spawn(self, tmp: Path, env: dict[str, str], stdout: int, stderr: int) -> ZygoteChild:
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         conn.connect(self.path)
-        request = json.dumps({"dir": str(tmp), "env": env}).encode()
+        request = json.dumps({"dir": str(tmp), "env": env, "cwd": os.getcwd()}).encode()
         socket.send_fds(conn, [request], [stdout, stderr])
         reply = conn.recv(_MAX)
         if not reply:
@@ -132,6 +153,7 @@ def _child(listener: socket.socket, conn: socket.socket, req: dict[str, Any], fd
         signal.set_wakeup_fd(-1)
         os.environ.clear()
         os.environ.update(req["env"])
+        os.chdir(req["cwd"])  # relative paths mean what they meant to the parent
         code = child_main(Path(req["dir"]))
     except BaseException:  # noqa: BLE001 - reported on stderr, then a plain exit code
         import traceback

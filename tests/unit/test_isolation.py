@@ -148,10 +148,11 @@ def test_prefect_task_timeout_interrupts_the_wait(tmp_path, prefect_harness):
 
 def preloaded() -> dict:
     return {"torch": "torch" in sys.modules, "ppid": os.getppid(), "pgid": os.getpgid(0),
-            "pid": os.getpid(), "env": os.environ.get("FASTTRACK_TEST_CHILD_ENV")}  # fmt: skip
+            "pid": os.getpid(), "env": os.environ.get("FASTTRACK_TEST_CHILD_ENV"),
+            "cwd": os.getcwd(), "hf_home": os.environ.get("HF_HOME")}  # fmt: skip
 
 
-def test_child_is_forked_from_the_preloaded_zygote_in_its_own_group(monkeypatch):
+def test_child_is_forked_from_the_preloaded_zygote_in_its_own_group(monkeypatch, tmp_path):
     """The child starts with torch & co. already imported (no ~20 s of imports per stage), in
     its own process group, with the environment of this call, not the zygote's."""
     from fasttrack.core.forkserver import Zygote
@@ -165,6 +166,12 @@ def test_child_is_forked_from_the_preloaded_zygote_in_its_own_group(monkeypatch)
         assert got["torch"] and got["ppid"] == zygote and got["pgid"] == got["pid"]
         assert got["env"] == env
     assert first["pid"] != second["pid"]
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # read by the libraries at import: new zygote
+    third = run_isolated(preloaded, stage="t")
+    assert third["hf_home"] == str(tmp_path) and third["ppid"] == Zygote.get().proc.pid != zygote
+    monkeypatch.chdir(tmp_path)  # the child works where the parent does, not the zygote
+    assert run_isolated(preloaded, stage="t")["cwd"] == str(tmp_path)
 
     monkeypatch.setenv("FASTTRACK_FORKSERVER", "0")  # opt-out: a fresh interpreter
     fresh = run_isolated(preloaded, stage="t")
