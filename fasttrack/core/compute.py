@@ -24,8 +24,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Below this many CPUs the RAG build and a training child oversubscribe the cores (each runs
-# one thread per core): on 2 cores, pretrain + RAG side by side took 356 s + 287 s where run
-# one after the other they take ~175-250 s (measured for issue #15, quiet machine).
+# one thread per core): on 2 cores, pretrain and RAG side by side took 358 s of wall time where
+# one after the other they take ~175-250 s (issue #15, measured on a quiet machine).
 PARALLEL_MIN_CPUS = 4
 
 
