@@ -170,9 +170,11 @@ def test_child_is_forked_from_the_preloaded_zygote_in_its_own_group(monkeypatch,
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # read by the libraries at import: new zygote
     third = run_isolated(preloaded, stage="t")
     assert third["hf_home"] == str(tmp_path) and third["ppid"] == Zygote.get().proc.pid != zygote
-    monkeypatch.chdir(tmp_path)  # the child works where the parent does, not the zygote
-    assert run_isolated(preloaded, stage="t")["cwd"] == str(tmp_path)
 
     monkeypatch.setenv("FASTTRACK_FORKSERVER", "0")  # opt-out: a fresh interpreter
     fresh = run_isolated(preloaded, stage="t")
     assert not fresh["torch"] and fresh["ppid"] == os.getpid()
+
+    monkeypatch.setenv("FASTTRACK_FORKSERVER", "1")
+    monkeypatch.chdir(tmp_path)  # the child works where the parent does, not the zygote
+    assert run_isolated(preloaded, stage="t")["cwd"] == str(tmp_path)
