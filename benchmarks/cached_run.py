@@ -66,10 +66,14 @@ def fasttrack_run(code: Path, store: Path, home: Path, mode: str) -> tuple[float
 
 
 def main() -> None:
+    global CONFIG, SHORT
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", default=None, help="git rev (default: merge-base main)")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--config", default=str(CONFIG), help="run config (default tiny-cpu)")
     args = parser.parse_args()
+    if args.config != str(CONFIG):  # another config: its own step counts
+        CONFIG, SHORT = Path(args.config).resolve(), []
     rev = (
         args.baseline
         or subprocess.check_output(
@@ -84,9 +88,9 @@ def main() -> None:
     store = tmp / "store"
     from flows.prefect_server import stop_server
 
-    out: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                 f"Python {platform.python_version()}", "baseline_rev": rev[:12],
-                 "load_avg_before": os.getloadavg()}  # fmt: skip
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    out: dict = {"config": str(CONFIG), "overrides": SHORT, "machine": machine,
+                 "baseline_rev": rev[:12], "load_avg_before": os.getloadavg()}  # fmt: skip
     try:
         t, _, executed = fasttrack_run(ROOT, store, tmp / "ph-build", "ephemeral")
         out["build_s"], out["build"] = t, executed
