@@ -113,35 +113,3 @@ def test_cached_rerun_and_export_command_execute_no_export(run) -> None:
     assert by_key.executed == [] and by_key.exports == [first.exports[FORMATS.index("gguf-q8_0")]]
     forced = export_flow(ExportParams(config=str(path), formats=["merged"], force=True))
     assert forced.executed == ["export:merged"]
-
-
-HEAVY = {"torch", "transformers", "trl", "peft", "datasets", "sentence_transformers", "faiss",
-         "accelerate", "bitsandbytes"}  # fmt: skip
-_CACHED_RUN = """
-import sys
-from flows.cli import app
-try:
-    app(sys.argv[1:])
-finally:  # app() exits
-    print("heavy modules:", sorted({heavy!r} & set(sys.modules)))
-"""
-
-
-def test_cached_run_executes_nothing_and_imports_no_ml_library(run) -> None:
-    """A fully cached `fasttrack run` needs only keys and the store: torch, transformers, TRL
-    and friends (most of its start-up time, benchmarks/results/cache_overhead.json) stay out."""
-    import subprocess
-    import sys
-
-    from prefect.settings import PREFECT_API_URL
-
-    from tests.e2e.storecheck import ROOT, cli_env
-
-    path = run[0]
-    env = cli_env(path.parent / "ph", PREFECT_API_URL.value())  # the harness API
-    script = _CACHED_RUN.format(heavy=HEAVY)
-    cmd = [sys.executable, "-c", script, "run", str(path), "--stages", ",".join(STAGES)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "0 step(s) executed" in proc.stdout, proc.stdout
-    assert "heavy modules: []" in proc.stdout, proc.stdout
