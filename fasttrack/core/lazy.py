@@ -2,8 +2,8 @@
 
 Why: a fully cached run (and `fasttrack ask --server`, `ls`, `plan`...) needs the stage modules for
 their keys but none of torch/transformers (~5 s of imports on 2 cores). Modules that use a heavy
-library only inside functions bind it through this proxy instead of a top-level import, and
-tests/unit/test_lazy_imports.py checks that importing the flow loads none of them.
+library only inside functions bind it through this proxy instead of a top-level import, so
+importing the flow or the CLI loads none of them.
 
 The proxy is a plain object in the importing module's namespace (never in `sys.modules`), so other
 libraries are unaffected, and the real import runs under Python's import lock (thread-safe, unlike
