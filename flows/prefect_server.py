@@ -12,7 +12,7 @@ ephemeral API), detached in its own session, and every later `fasttrack` command
   commands starting at once share one server (the second waits and finds it healthy).
 - Opt out with `FASTTRACK_PREFECT_SERVER=ephemeral` (a fresh ephemeral API per process, as
   Prefect does by default; the test suite uses it); a set `PREFECT_API_URL` wins over both.
-- `fasttrack server status|stop` (flows/cli_store.py) shows and stops it.
+- `fasttrack server status|stop` (flows/cli_server.py) shows and stops it.
 
 Nothing here imports Prefect: a cached run should not pay for it before it needs it.
 """
