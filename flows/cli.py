@@ -14,8 +14,10 @@
     fasttrack sweep [CONFIG] --grid dpo.beta=0.05,0.1 --grid adapter.lora.r=8,16 [--max-parallel 2]
     fasttrack compare RUN_A RUN_B [--store artifacts]   # config + metric diff of two runs
 
-Without PREFECT_API_URL the flow runs on Prefect's ephemeral local API; with a server set, the
-same command shows up in the Prefect UI.
+Without PREFECT_API_URL the flow runs on a local Prefect API started in the background on first
+use and shared by later commands (`fasttrack server status|stop`;
+FASTTRACK_PREFECT_SERVER=ephemeral: a per-process API instead); with a server set, the same
+command shows up in the Prefect UI.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ from flows.cli_common import (
     rich_table,
     show,
     split_overrides,
-    start_ephemeral_api,
 )
 
 
@@ -78,11 +79,11 @@ def run(
         _fail(exc)
     if not verbose:
         _quiet_prefect_tracebacks()
+    from flows.prefect_server import use_local_api
     from flows.progress_view import training_progress
 
     try:
-        start_ephemeral_api()
-        with training_progress(err):
+        with use_local_api(), training_progress(err):
             summary = pipeline(params)
     except FastTrackError as exc:
         if verbose:
@@ -183,7 +184,7 @@ def zombies() -> None:
 
 
 # The other commands register themselves on `app` when imported.
-from flows import cli_models, cli_store, cli_sweep  # noqa: E402, F401
+from flows import cli_models, cli_server, cli_store, cli_sweep  # noqa: E402, F401
 
 if __name__ == "__main__":
     app()

@@ -22,7 +22,6 @@ from flows.cli_common import (
     rich_table,
     show,
     split_overrides,
-    start_ephemeral_api,
 )
 
 
@@ -46,19 +45,19 @@ def ask(
 ) -> None:
     """Answer from the run's RAG index with its newest model (DPO > SFT > pretrain); says why
     newer ones are missing. The untrained base model only with --model base."""
-    if len(args) > 2:  # before the heavy imports: a usage error answers at once
+    if len(args) > 2:
         _fail(FastTrackError('ask: expected [CONFIG] "question" (quote the question)'))
-    import tasks  # noqa: F401  (registers every stage: the model chain computes their keys)
-    from fasttrack.core.config_loader import load_config
-    from fasttrack.lib.ask import answer
-
     config, question = (None, args[0]) if len(args) == 1 else args
     try:
         if server:
             from fasttrack.lib.serve_client import ask_server
 
             result = ask_server(server, question, _api_key(api_key_env))
-        else:
+        else:  # --server needs none of this: no Prefect, torch or stage modules to import
+            import tasks  # noqa: F401  (registers every stage: the chain computes their keys)
+            from fasttrack.core.config_loader import load_config
+            from fasttrack.lib.ask import answer
+
             cfg = load_config(config, split_overrides(set_))
             result = answer(cfg, question, k=k, mode=mode, model=model)
     except FastTrackError as exc:
@@ -154,7 +153,7 @@ def _merged_export(config: str | None, cfg: Any, which: str, set_: list[str] | N
 
     _, ref = resolve_model(cfg, which)
     params = ExportParams(config=config, formats=["merged"], model=ref.key,
-                          overrides=_split(set_))  # fmt: skip
+                          overrides=split_overrides(set_))  # fmt: skip
     step = export_flow(params).steps[-1]
     store = ArtifactStore(cfg.store)
     return store.local_path(store.lookup("export", step.key))
@@ -183,8 +182,10 @@ def export(
     try:
         resolve(params)  # fail fast, before Prefect starts
         _quiet_prefect_tracebacks()
-        start_ephemeral_api()
-        summary = export_flow(params)
+        from flows.prefect_server import use_local_api
+
+        with use_local_api():
+            summary = export_flow(params)
     except FastTrackError as exc:
         _fail(exc)
     steps = ", ".join(f"{s.step} {s.status}" for s in summary.steps)

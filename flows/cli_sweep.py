@@ -16,7 +16,7 @@ from flows.cli_common import (
     err,
     rich_table,
     show,
-    start_ephemeral_api,
+    split_overrides,
 )
 
 
@@ -43,7 +43,7 @@ def sweep(
     from fasttrack.core.config_loader import load_config
     from fasttrack.lib.sweeps import check_points, parse_grid, points
 
-    sets = _split(set_)
+    sets = split_overrides(set_)
     if random_ is not None:
         sets += ["sweep.mode=random", f"sweep.samples={random_}"]
     if seed is not None:
@@ -68,9 +68,11 @@ def sweep(
 
     params = SweepParams(config=config, grid=fields, overrides=sets, metric=metric,
                          max_parallel=max_parallel, stages=_split(stages) or None)  # fmt: skip
+    from flows.prefect_server import use_local_api
+
     try:
-        start_ephemeral_api()
-        summary = sweep_flow(params)
+        with use_local_api():
+            summary = sweep_flow(params)
     except FastTrackError as exc:
         if verbose:
             raise

@@ -11,7 +11,7 @@ import sys
 from prefect import flow
 from pydantic import BaseModel, Field
 
-from fasttrack.core.compute import eval_runner
+from fasttrack.core.compute import eval_runner, rag_in_parallel
 from fasttrack.core.config import STAGES, RunConfig
 from fasttrack.core.config_loader import load_config
 from fasttrack.core.store import ArtifactRef, ArtifactStore
@@ -74,7 +74,8 @@ def trained_models(
 def pipeline(params: PipelineParams | None = None) -> RunSummary:
     """data -> base -> pack -> pretrain -> sft -> dpo_ref -> dpo -> evaluate(every model) ->
     gates -> export (export.formats) -> the report again, with the export table; rag (data ->
-    index) runs concurrently with training."""
+    index) runs concurrently with training when the machine has cores for both
+    (compute.rag_concurrency), else after it."""
     params = params or PipelineParams()
     check_params(params)
     cfg = load_config(params.config, params.overrides)
@@ -91,9 +92,12 @@ def _steps(
     report = None
 
     data = run(data_task, cfg)
-    index = run.submit(rag_task, cfg, data) if "rag" in wanted else None
+    parallel = rag_in_parallel(cfg.compute)  # alongside training only where cores allow
+    index = run.submit(rag_task, cfg, data) if "rag" in wanted and parallel else None
     if wanted - {"data", "rag"}:  # base, [pack, pretrain], sft, [dpo_ref, dpo]
         models = walk(data, lambda step, *ups: run(CHAIN_TASKS[step], cfg, *ups), wanted)
+    if "rag" in wanted and not parallel:
+        index = run.submit(rag_task, cfg, data)
     rag = run.collect(index) if index else None
     table, exports = [], []
     if "evaluate" in wanted:

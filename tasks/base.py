@@ -12,10 +12,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import ModelError
+from fasttrack.core.lazy import lazy
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
 from fasttrack.core.templates import DEFAULT_TEMPLATE, resolve
@@ -30,6 +29,8 @@ from fasttrack.lib.models import (
     load_pretrained,
     tokenizer_facts,
 )
+
+torch = lazy("torch")  # imported on first use: a cached run never needs it
 
 STAGE = Stage("base", "1")
 

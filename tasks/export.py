@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import ModelError
+from fasttrack.core.lazy import inference_mode, lazy
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
 from fasttrack.lib.datasets import read_split
@@ -32,6 +31,8 @@ from fasttrack.lib.hub import hub_kwargs
 from fasttrack.lib.models import LOAD_LOCK, load_model, model_source, pick_device
 from fasttrack.lib.perplexity import strided_perplexity, token_stream
 from fasttrack.lib.tables import export_row, export_table
+
+torch = lazy("torch")  # imported on first use: a cached run never needs it
 
 STAGE = Stage("export", "1")  # bump when this module or gguf_export.py changes what it writes
 FORMATS = ("merged", "bnb-8bit", "bnb-4bit", "gguf-f16", "gguf-q8_0")
@@ -126,7 +127,7 @@ def perplexity(cfg: RunConfig, model: Any, tok: Any, texts: list[str]) -> float:
     return res.perplexity
 
 
-@torch.inference_mode()
+@inference_mode
 def tokens_per_second(model: Any, tok: Any, prompt: str, n: int) -> float:
     """Greedy generation of exactly `n` new tokens (EOS ignored), after one warm-up token."""
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
@@ -139,7 +140,7 @@ def tokens_per_second(model: Any, tok: Any, prompt: str, n: int) -> float:
     return n / (time.perf_counter() - started)
 
 
-@torch.inference_mode()
+@inference_mode
 def logit_error(reference: Any, model: Any, tok: Any, prompt: str) -> float:
     """max |logits - reference logits| / max |reference logits| on `prompt` (fp32 compare)."""
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]

@@ -10,9 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fasttrack.core.config import RunConfig
+from fasttrack.core.lazy import lazy
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
 from fasttrack.lib.models import cast_checkpoint, load_model, pick_device, target_dtype
@@ -23,6 +22,8 @@ from fasttrack.lib.training import (
     trainer_kwargs,
     training_key_config,
 )
+
+torch = lazy("torch")  # imported on first use: a cached run never needs it
 
 STAGE = Stage("pretrain", "1", retries=1, retry_delay_seconds=5)
 

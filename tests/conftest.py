@@ -15,6 +15,9 @@ import yaml
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests (and the CLI processes they spawn) keep a per-process ephemeral API: a background server
+# would outlive the session. tests/e2e/test_prefect_server.py tests the background server itself.
+os.environ.setdefault("FASTTRACK_PREFECT_SERVER", "ephemeral")
 
 from fasttrack.core.config import RunConfig
 from fasttrack.core.config_loader import load_config  # noqa: E402

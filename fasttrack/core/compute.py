@@ -16,11 +16,25 @@ artifact key: a model trained on 1 process is reused by a run that asks for 2.
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Below this many CPUs the RAG build and a training child oversubscribe the cores (each runs
+# one thread per core): on 2 cores, pretrain and RAG side by side took 358 s of wall time where
+# one after the other they take ~175-250 s (issue #15, measured on a quiet machine).
+PARALLEL_MIN_CPUS = 4
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 class ComputeConfig(BaseModel):
@@ -45,12 +59,24 @@ class ComputeConfig(BaseModel):
     dask_address: str | None = Field(
         None, description="Dask scheduler (tcp://host:8786); default: a LocalCluster."
     )
+    rag_concurrency: Literal["auto", "parallel", "serial"] = Field(
+        "auto",
+        description="Build the RAG index alongside training (parallel) or after it (serial); "
+        f"auto: parallel only with at least {PARALLEL_MIN_CPUS} CPUs, where both get cores.",
+    )
 
     @model_validator(mode="after")
     def _launcher_needs_isolation(self) -> ComputeConfig:
         if self.num_processes > 1 and not self.isolate:
             raise ValueError("num_processes > 1 needs isolate: true (ranks are child processes)")
         return self
+
+
+def rag_in_parallel(compute: ComputeConfig) -> bool:
+    """Whether the RAG build runs concurrently with the training chain."""
+    if compute.rag_concurrency == "auto":
+        return cpu_count() >= PARALLEL_MIN_CPUS
+    return compute.rag_concurrency == "parallel"
 
 
 def eval_runner(compute: ComputeConfig) -> Any:

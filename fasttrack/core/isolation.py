@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fasttrack.core import forkserver
 from fasttrack.core.errors import FastTrackError
 
 PARENT_ENV = "FASTTRACK_PARENT_PID"
@@ -117,17 +118,9 @@ def run_isolated(
         child_env.setdefault("PREFECT_API_URL", api)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     events: queue.Queue = queue.Queue()
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=child_env,
-        start_new_session=True,  # its own process group: one killpg stops every rank
-        preexec_fn=_set_pdeathsig,
-    )
+    proc, streams = _start_child(cmd, child_env, tmp, forked=not launcher and forkserver.enabled())
     log.info("%s: training in child process %d", stage, proc.pid)
-    for stream, kind in ((proc.stdout, "event"), (proc.stderr, "stderr")):
+    for stream, kind in zip(streams, ("event", "stderr"), strict=True):
         threading.Thread(target=_pump, args=(stream, kind, events), daemon=True).start()
     started, open_streams = time.monotonic(), 2
     tail: collections.deque[str] = collections.deque(maxlen=20)  # for the crash message
@@ -158,6 +151,37 @@ def run_isolated(
         return _result(tmp, proc.returncode, stage, list(tail))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _start_child(cmd: list[str], env: dict[str, str], tmp: Path, forked: bool) -> tuple[Any, list]:
+    """The child and its (stdout, stderr) text streams: forked from the preloaded zygote
+    (fasttrack/core/forkserver.py: no ~20 s of imports) or a fresh interpreter (a launcher's
+    ranks, FASTTRACK_FORKSERVER=0, or a zygote that cannot start)."""
+    if forked:
+        try:
+            zygote = forkserver.Zygote.get()
+        except (OSError, RuntimeError) as exc:
+            from fasttrack.core.log import get_logger
+
+            get_logger().warning("training fork server unavailable (%s): a fresh process", exc)
+        else:
+            (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
+            try:
+                proc = zygote.spawn(tmp, env, out_w, err_w)
+            finally:
+                os.close(out_w)
+                os.close(err_w)
+            return proc, [os.fdopen(out_r, "r"), os.fdopen(err_r, "r")]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group: one killpg stops every rank
+        preexec_fn=_set_pdeathsig,
+    )
+    return proc, [proc.stdout, proc.stderr]
 
 
 def _prefect_api_url() -> str | None:

@@ -13,10 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fasttrack.core.config import LoraConfig, QuantizationConfig, RunConfig
 from fasttrack.core.errors import ModelError
+from fasttrack.core.lazy import lazy
 from fasttrack.core.log import get_logger
 from fasttrack.core.store import ArtifactRef
 from fasttrack.lib.hub import hub_kwargs, weights_kwargs
@@ -28,6 +27,8 @@ from fasttrack.lib.models import (
     model_source,
     pick_device,
 )
+
+torch = lazy("torch")  # imported on first use: a cached run never needs it
 
 
 @functools.cache

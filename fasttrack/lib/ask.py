@@ -12,7 +12,6 @@ from typing import Any
 from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import FastTrackError
 from fasttrack.core.store import ArtifactRef
-from fasttrack.lib.chain import lookup, pick_model
 from fasttrack.lib.generate import generate
 
 PROMPT = "Answer the question using the context. Cite sources as [n].\n\n{context}\n\nQuestion: {q}"
@@ -30,6 +29,8 @@ class Answer:
 
 def run_index(cfg: RunConfig) -> ArtifactRef:
     """The RAG artifact of this config's run (lookup only)."""
+    from fasttrack.lib.chain import lookup  # Prefect: not for `ask --server` (serve_client)
+
     data = lookup(cfg, "data")
     ref = lookup(cfg, "rag", data) if data else None
     if ref is None:
@@ -66,6 +67,8 @@ def answer(
 
     if not question.strip():
         raise FastTrackError("ask: the question is empty")
+    from fasttrack.lib.chain import pick_model
+
     stage, ref, notes = pick_model(cfg, model)  # before the index: fail fast, load nothing
     retriever = Retriever.open(cfg, run_index(cfg))
     mode = mode or cfg.rag.mode

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from fasttrack.core.config_eval import GenerationConfig
+from fasttrack.core.lazy import inference_mode, lazy
+
+torch = lazy("torch")  # imported on first use: a cached run never needs it
 
 
 def generation_kwargs(g: GenerationConfig, tok: Any, model: Any = None) -> dict[str, Any]:
@@ -105,7 +106,7 @@ def decode_answer(tok: Any, ids: Any) -> str:
     return tok.decode(ids, skip_special_tokens=True).strip()
 
 
-@torch.inference_mode()
+@inference_mode
 def generate(
     model: Any, tok: Any, prompts: list[str], g: GenerationConfig, seed: int = 0
 ) -> list[str]:

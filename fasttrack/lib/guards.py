@@ -25,18 +25,9 @@ from fasttrack.core.config import TrainingConfig
 from fasttrack.core.errors import FastTrackError
 from fasttrack.core.log import get_logger
 
-GUARD_FIELDS = {"nan_policy", "max_skipped_steps"}
-
 
 class TrainingError(FastTrackError):
     """Training diverged (non-finite loss or gradients): a config/data problem, not a retry."""
-
-
-def not_in_key(section: TrainingConfig) -> set[str]:
-    """Guard knobs that cannot change a published result: with `abort` a run either matches one
-    without the guard or publishes nothing, so existing keys stay valid. `skip` can publish
-    weights that missed some steps, so then the knobs are part of the key."""
-    return GUARD_FIELDS if section.nan_policy == "abort" else set()
 
 
 class LossGuard(TrainerCallback):

@@ -12,14 +12,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import ModelError
+from fasttrack.core.lazy import lazy
 from fasttrack.core.store import ArtifactRef, ArtifactStore, sha256_file
 from fasttrack.core.templates import DEFAULT_TEMPLATE, apply_default, document_bos
 from fasttrack.lib.hub import check_model_dir, hub_kwargs, load_error, weights_kwargs
 from fasttrack.lib.model_files import is_local_path, max_positions  # noqa: F401 (re-exported)
+
+torch = lazy("torch")  # imported on first use: a cached run never needs it
 
 BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")

@@ -22,7 +22,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+
+from fasttrack.core.lazy import lazy
+
+torch = lazy("torch")  # imported on first use: a cached run never needs it
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+from fasttrack.core.lazy import inference_mode, lazy
+
+torch = lazy("torch")  # imported on first use: a cached run never needs it
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ def encode_pair(tok: Any, prompt: str, answer: str, max_length: int) -> tuple[li
     return prompt_ids + answer_ids, len(prompt_ids)
 
 
-@torch.inference_mode()
+@inference_mode
 def score_answers(
     model: Any,
     tok: Any,

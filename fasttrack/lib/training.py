@@ -13,64 +13,25 @@ import math
 import os
 import re
 import shutil
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import TrainerCallback
-
 from fasttrack.core.compute import launch_prefix
 from fasttrack.core.config import RunConfig, TrainingConfig
 from fasttrack.core.fsdp import shard_report
 from fasttrack.core.isolation import finish_if_not_rank0, run_isolated
-from fasttrack.core.log import get_logger
-from fasttrack.core.progress import ProgressReporter
-from fasttrack.lib.guards import guard_training, not_in_key
+from fasttrack.core.lazy import lazy
 from fasttrack.lib.models import pick_device, pick_dtype
+
+torch = lazy("torch")  # imported on first use: a cached run never needs it
 
 # TRL's configs still take `gradient_checkpointing` (transformers 5 calls it activation_...).
 warnings.filterwarnings(
     "ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning
 )
-
-
-class ProgressCallback(TrainerCallback):
-    """Logs losses every `logging_steps` and reports step/total (at most every 2 s)."""
-
-    def __init__(self, stage: str, min_interval_s: float = 2.0):
-        self.stage = stage
-        self.min_interval_s = min_interval_s
-        self.reporter = ProgressReporter(stage)
-        self.last_update = 0.0
-        self.last_logs: dict[str, float] = {}
-        self.log = get_logger()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        start = state.global_step
-        resumed = f" (resuming from step {start})" if start else ""
-        self.log.info("%s: training %d steps%s", self.stage, state.max_steps, resumed)
-        self._notify(state)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        logs = {k: v for k, v in (logs or {}).items() if isinstance(v, int | float)}
-        self.last_logs.update(logs)
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in logs.items() if k != "epoch")
-        self.log.info("%s: step %d/%d %s", self.stage, state.global_step, state.max_steps, shown)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() - self.last_update >= self.min_interval_s:
-            self._notify(state)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._notify(state)
-
-    def _notify(self, state) -> None:
-        self.last_update = time.monotonic()
-        self.reporter.update(state.global_step, state.max_steps, dict(self.last_logs))
 
 
 def precision_flags(precision: str) -> dict[str, bool]:
@@ -200,6 +161,9 @@ def run_trainer(
     from transformers import PrinterCallback
     from transformers.utils import logging as hf_logging
 
+    from fasttrack.lib.callbacks import ProgressCallback
+    from fasttrack.lib.guards import guard_training
+
     hf_logging.disable_progress_bar()
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressCallback logs them
     trainer.add_callback(ProgressCallback(stage))
@@ -241,6 +205,16 @@ def run_trainer(
         if name.startswith("eval_rewards/") and isinstance(value, int | float):
             metrics[name.removeprefix("eval_")] = round(value, 5)
     return metrics
+
+
+GUARD_FIELDS = {"nan_policy", "max_skipped_steps"}  # fasttrack/lib/guards.py
+
+
+def not_in_key(section: TrainingConfig) -> set[str]:
+    """Guard knobs that cannot change a published result: with `abort` a run either matches one
+    without the guard or publishes nothing, so existing keys stay valid. `skip` can publish
+    weights that missed some steps, so then the knobs are part of the key."""
+    return GUARD_FIELDS if section.nan_policy == "abort" else set()
 
 
 # Knobs that change what is logged or how often it is saved, not the trained weights.

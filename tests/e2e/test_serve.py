@@ -290,6 +290,27 @@ def test_ask_with_server_prints_answer_and_sources(server, monkeypatch) -> None:
     assert "base64." in result.stdout
 
 
+_PROBE = """
+import sys
+from flows.cli import app
+try:
+    app(sys.argv[1:])
+finally:  # app() exits
+    print("loaded:", sorted({"prefect", "torch", "transformers", "tasks"} & set(sys.modules)))
+"""
+
+
+def test_ask_with_server_imports_no_prefect_torch_or_stages(server) -> None:
+    """`ask --server` is an HTTP client: importing Prefect, torch and every stage (seconds
+    on 2 cores, most of its wall time) would be pure start-up cost."""
+    env = {**os.environ, KEY_ENV: KEY}
+    cmd = [sys.executable, "-c", _PROBE, "ask", "--server", server["url"], "--api-key-env",
+           KEY_ENV, "What does `base64.b64encode` do?"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0 and "sources (server)" in proc.stdout, proc.stderr[-2000:]
+    assert "loaded: []" in proc.stdout, proc.stdout
+
+
 def test_sigterm_drains_requests_in_flight(server) -> None:
     """Last: stops the module's server. Every request accepted before SIGTERM is answered; one
     sent after it finds the port closed (never a dropped request)."""

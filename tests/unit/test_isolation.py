@@ -119,7 +119,7 @@ def test_child_dies_with_a_sigkilled_parent(tmp_path):
         run_isolated(sleep_forever, {str(pid_file)!r}, stage="unit")
     """)
     proc = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300  # the first child waits for the zygote's preload
     while not pid_file.exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     child = int(pid_file.read_text())
@@ -144,3 +144,37 @@ def test_prefect_task_timeout_interrupts_the_wait(tmp_path, prefect_harness):
     state = f(return_state=True)
     assert state.is_failed()
     assert wait_gone(int(pid_file.read_text()), 15)
+
+
+def preloaded() -> dict:
+    return {"torch": "torch" in sys.modules, "ppid": os.getppid(), "pgid": os.getpgid(0),
+            "pid": os.getpid(), "env": os.environ.get("FASTTRACK_TEST_CHILD_ENV"),
+            "cwd": os.getcwd(), "hf_home": os.environ.get("HF_HOME")}  # fmt: skip
+
+
+def test_child_is_forked_from_the_preloaded_zygote_in_its_own_group(monkeypatch, tmp_path):
+    """The child starts with torch & co. already imported (no ~20 s of imports per stage), in
+    its own process group, with the environment of this call, not the zygote's."""
+    from fasttrack.core.forkserver import Zygote
+
+    monkeypatch.setenv("FASTTRACK_TEST_CHILD_ENV", "first")
+    first = run_isolated(preloaded, stage="t")
+    monkeypatch.setenv("FASTTRACK_TEST_CHILD_ENV", "second")
+    second = run_isolated(preloaded, stage="t")
+    zygote = Zygote.get().proc.pid
+    for got, env in ((first, "first"), (second, "second")):
+        assert got["torch"] and got["ppid"] == zygote and got["pgid"] == got["pid"]
+        assert got["env"] == env
+    assert first["pid"] != second["pid"]
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # read by the libraries at import: new zygote
+    third = run_isolated(preloaded, stage="t")
+    assert third["hf_home"] == str(tmp_path) and third["ppid"] == Zygote.get().proc.pid != zygote
+
+    monkeypatch.setenv("FASTTRACK_FORKSERVER", "0")  # opt-out: a fresh interpreter
+    fresh = run_isolated(preloaded, stage="t")
+    assert not fresh["torch"] and fresh["ppid"] == os.getpid()
+
+    monkeypatch.setenv("FASTTRACK_FORKSERVER", "1")
+    monkeypatch.chdir(tmp_path)  # the child works where the parent does, not the zygote
+    assert run_isolated(preloaded, stage="t")["cwd"] == str(tmp_path)
