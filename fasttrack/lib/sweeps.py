@@ -103,8 +103,11 @@ def point_metrics(table: list[dict[str, Any]], newest: str | None) -> dict[str, 
     out: dict[str, Any] = {}
     for row in table:
         model = row.get("model")
-        for col, value in row.items():
-            if col not in ("model", "small_n", "eval_key") and value is not None:
+        values = {c: v for c, v in row.items() if c not in ("model", "small_n", "eval_key", "ci")}
+        for col, (low, high) in (row.get("ci") or {}).items():  # the table's bootstrap intervals
+            values |= {f"{col}_ci_low": low, f"{col}_ci_high": high}
+        for col, value in values.items():
+            if value is not None:
                 out[f"{model}.{col}"] = value
                 if model == newest:
                     out[col] = value

@@ -104,3 +104,12 @@ def test_diff_lists_only_what_differs_with_numeric_deltas() -> None:
     rows = diff({"dpo.beta": 0.1, "sft.r": 8, "x": "a"}, {"dpo.beta": 0.2, "sft.r": 8, "y": 1})
     assert [r["field"] for r in rows] == ["dpo.beta", "x", "y"]
     assert rows[0]["delta"] == pytest.approx(0.1) and rows[1]["delta"] is None
+
+
+def test_point_metrics_carry_the_tables_intervals_into_the_comparison() -> None:
+    from fasttrack.lib.sweeps import cell, point_metrics
+
+    table = [{"model": "dpo", "rougeL": 0.25, "small_n": "", "ci": {"rougeL": [0.2, 0.3]}}]
+    got = point_metrics(table, "dpo")
+    assert got["rougeL_ci_low"] == 0.2 and got["dpo.rougeL_ci_high"] == 0.3 and "ci" not in got
+    assert cell(got, "rougeL") == "0.25 [0.2, 0.3]"
