@@ -6,8 +6,10 @@ For each size (MB) it writes a corpus of unique 8-sentence documents plus a know
 planted duplicates (5% exact copies with case/whitespace changes, 5% near copies with one word
 replaced, word-5-shingle Jaccard ~0.92), then runs the real data stage (`prepare_data`: read,
 normalise, filters, exact + near dedup, split, atomic publish into a fresh store) in a child
-process. Reported: MB/s of JSONL, peak RSS of the busiest process (`ru_maxrss` of the child and
-its workers) and of the whole process tree (psutil, sampled every 0.1 s), and the exact and
+process. Reported: MB/s of JSONL (wall clock, and per CPU-second of the child and its workers,
+which a loaded machine distorts less), peak RSS of the busiest process (`ru_maxrss` of the child and
+its workers; the child's RSS right after its imports is reported too: prefect, pyarrow etc.
+cost a fixed ~0.7 GB) and of the whole process tree (psutil, sampled every 0.1 s), and the exact and
 near duplicates dropped vs planted (precision/recall). Every doc carries an `id` that says what
 it is, so the ids missing from the output are the rows dropped.
 
@@ -35,15 +37,17 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks/results/data_scale.json"
 EXACT_SHARE, NEAR_SHARE = 0.05, 0.05
+CPU_BEFORE = [0.0]  # RUSAGE_CHILDREN accumulates over runs
 
 CHILD = """
-import json, sys, time
+import json, resource, sys, time
 from fasttrack.core.config_loader import load_config
 from tasks.data import prepare_data
 cfg = load_config(sys.argv[1])
+floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3
 t0 = time.perf_counter()
 ref = prepare_data(cfg)
-print(json.dumps({"seconds": time.perf_counter() - t0, "uri": ref.uri, "metrics": ref.metrics}))
+print(json.dumps({"seconds": time.perf_counter() - t0, "uri": ref.uri, "rss_after_imports": floor}))
 """
 
 
@@ -116,8 +120,11 @@ def run_stage(config: Path) -> tuple[dict, float, float]:
     thread.join()
     if proc.returncode:
         raise SystemExit(f"data stage failed (exit {proc.returncode})")
-    peak_one = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e3  # KiB on Linux
-    return json.loads(out.decode().strip().splitlines()[-1]), peak_one, peak_tree
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)  # the child and its waited-for workers
+    child = json.loads(out.decode().strip().splitlines()[-1])
+    child["cpu_seconds"] = use.ru_utime + use.ru_stime - CPU_BEFORE[0]
+    CPU_BEFORE[0] = use.ru_utime + use.ru_stime
+    return child, use.ru_maxrss / 1e3, peak_tree  # ru_maxrss: KiB on Linux
 
 
 def dropped_ids(uri: str, planted: dict[str, int]) -> dict[str, int]:
@@ -152,6 +159,9 @@ def measure(megabytes: float, workers: int | None) -> dict:
         "workers": workers,
         "seconds": round(child["seconds"], 1),
         "mb_per_s": round(size_mb / child["seconds"], 2),
+        "cpu_seconds": round(child["cpu_seconds"], 1),
+        "mb_per_cpu_s": round(size_mb / child["cpu_seconds"], 2),
+        "rss_mb_after_imports": round(child["rss_after_imports"]),
         "peak_rss_mb_one_process": round(peak_one),
         "peak_rss_mb_process_tree": round(peak_tree),
         "planted": planted,
