@@ -194,3 +194,22 @@ def test_output_and_key_do_not_depend_on_batches_or_workers(
         json.loads((Path(r.uri) / "manifest.json").read_text()) for r in (ref_one, ref_many)
     ]
     assert [m["workers"] for m in manifests] == [1, 2]
+
+
+def test_bad_line_after_many_batches_fails_with_file_line_and_publishes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Streaming: batches before the bad line were already cleaned by the workers and spooled;
+    the error still names file:line and the store holds no data artifact, no spool litter."""
+    path = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"text": f"document number {i} " * 5}) for i in range(40)]
+    path.write_text("\n".join([*lines, "{not json", *lines[:3]]) + "\n")
+    d = tiny_config_dict(tmp_path / "s", data={"sources": [{"path": str(path), "format": "text"}]})
+    d["data"]["workers"] = 2
+    cfg = load_config(write_config(tmp_path / "c.yaml", d))
+    monkeypatch.setattr(dataprep, "BATCH_ROWS", 5)
+    with pytest.raises(DataError, match=rf"{path}:41: invalid JSON"):
+        prepare_data(cfg)
+    store = ArtifactStore(cfg.store)
+    assert store.manifests() == []
+    assert not list((tmp_path / "s").rglob("*.parquet"))
