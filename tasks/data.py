@@ -4,141 +4,82 @@ Output artifact: `<kind>/<split>.parquet` for each kind present (corpus, sft, pr
 `stats.json` (rows loaded / dropped per reason / kept / per split), so a user can see what the
 cleaning did before paying for training. Tokenization is *not* here: it depends on the model's
 tokenizer and lives in the `pack` step (tasks/pack.py), keyed by the tokenizer too.
+Sources are streamed in record batches (fasttrack/lib/dataprep.py): memory does not grow with
+the corpus, and the per-row work runs in `data.workers` processes.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import multiprocessing
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from fasttrack.core.config import CleanConfig, RunConfig
-from fasttrack.core.errors import DataError
+from fasttrack.core.config import RunConfig
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
-from fasttrack.lib.cleaning import (
-    CleanStats,
-    exact_dedup,
-    filter_length,
-    near_dedup,
-    normalize_text,
-    split_records,
-)
-from fasttrack.lib.datasets import SPLITS
+from fasttrack.lib.dataprep import SCHEMAS, SPLITS, default_workers, prepare, text_of
 from fasttrack.lib.hub import hf_token
-from fasttrack.lib.sources import content_hash, load_source
+from fasttrack.lib.sources import KIND_OF_FORMAT, content_hash, input_bytes, iter_source
 
-STAGE = Stage("data", "2", retries=1, retry_delay_seconds=2)  # 2: one schema per kind
-_STR = pa.string()
-_META = [pa.field("source", _STR), pa.field("id", _STR)]
-# Why explicit: `pa.Table.from_pylist` takes its columns from the first row, so `source`/`id`
-# vanished from a split whose first row came from a file without them.
-SCHEMAS = {
-    "corpus": pa.schema([pa.field("text", _STR), pa.field("title", _STR), *_META]),
-    "sft": pa.schema(
-        [pa.field("messages", pa.list_(pa.struct([("role", _STR), ("content", _STR)]))), *_META]
-    ),
-    "preference": pa.schema(
-        [pa.field("prompt", _STR), pa.field("chosen", _STR), pa.field("rejected", _STR), *_META]
-    ),
-}
-
-
-def text_of(kind: str) -> Callable[[dict], str]:
-    """The text a row is filtered and deduplicated on."""
-    if kind == "corpus":
-        return lambda r: r["text"]
-    if kind == "sft":
-        return lambda r: "\n".join(m["content"] for m in r["messages"])
-    return lambda r: "\n".join((r["prompt"], r["chosen"], r["rejected"]))
+# 3: streamed; MinHash of crc32-hashed word shingles with vectorised permutations (near-dup
+# decisions may differ from v2's datasketch hashes on borderline pairs).
+STAGE = Stage("data", "3", retries=1, retry_delay_seconds=2)
+__all__ = ["SCHEMAS", "data_spec", "data_task", "prepare_data", "text_of"]
+_NOT_IN_KEY = {"max_record_chars", "workers", "engine"}  # reject / schedule, never alter the output
 
 
 def data_spec(cfg: RunConfig) -> StageSpec:
     inputs = {f"source{i}": content_hash(src) for i, src in enumerate(cfg.data.sources)}
-    config = cfg.data.model_dump(mode="json", exclude={"max_record_chars"})  # rejects, never alters
+    config = cfg.data.model_dump(mode="json", exclude=_NOT_IN_KEY)
     return STAGE.spec(config, inputs=inputs)
 
 
-def normalize_row(row: dict, clean: CleanConfig) -> dict:
-    def norm(text: str) -> str:
-        return normalize_text(
-            text, unicode_form=clean.unicode_form, collapse_whitespace=clean.collapse_whitespace
-        )
-
-    out = dict(row)
-    if "messages" in row:
-        out["messages"] = [{**m, "content": norm(m["content"])} for m in row["messages"]]
-    for name in ("text", "title", "prompt", "chosen", "rejected"):
-        if isinstance(row.get(name), str):
-            out[name] = norm(row[name])
-    return out
-
-
-def clean_kind(kind: str, rows: list[dict], cfg: RunConfig) -> tuple[list[dict], CleanStats]:
-    """Normalise, filter and deduplicate the rows of one kind; stats say what went where."""
-    clean, get = cfg.data.clean, text_of(kind)
-    stats = CleanStats(loaded=len(rows))
-    rows = [normalize_row(r, clean) for r in rows]
-    rows = filter_length(
-        rows, get, min_chars=clean.min_chars, max_chars=clean.max_chars, stats=stats
-    )
-    if kind == "sft":
-        kept = [
-            r for r in rows if any(m["role"] == "assistant" and m["content"] for m in r["messages"])
-        ]
-        stats.drop("no_assistant_turn", len(rows) - len(kept))
-        rows = kept
-    if kind == "preference":
-        kept = [r for r in rows if all(r[k].strip() for k in ("prompt", "chosen", "rejected"))]
-        stats.drop("empty_field", len(rows) - len(kept))
-        rows = [r for r in kept if r["chosen"] != r["rejected"]]
-        stats.drop("chosen_equals_rejected", len(kept) - len(rows))
-    if clean.exact_dedup:
-        rows = exact_dedup(rows, get, stats)
-    if clean.near_dedup:
-        rows = near_dedup(
-            rows,
-            get,
-            stats,
-            threshold=clean.near_dedup_threshold,
-            num_perm=clean.num_perm,
-            shingle_size=clean.shingle_size,
-            seed=cfg.data.split.seed,
-        )
-    stats.kept = len(rows)
-    if not rows:
-        raise DataError(
-            f"data: the {kind} dataset is empty after cleaning: {stats.describe_empty()}"
-        )
-    return rows, stats
-
-
 def build_data(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
-    """Load, clean, deduplicate and split every source."""
-    by_kind: dict[str, list[dict]] = {}
-    for src in cfg.data.sources:
-        kind, rows = load_source(src, cfg.data.encoding, cfg.data.max_record_chars, hf_token(cfg))
-        by_kind.setdefault(kind, []).extend(rows)
+    """Load, clean, deduplicate and split every source, streaming."""
+    data, token = cfg.data, hf_token(cfg)
+    sources = (
+        (KIND_OF_FORMAT[src.format], iter_source(src, data.encoding, data.max_record_chars, token))
+        for src in data.sources
+    )
+    workers = data.workers or default_workers(sum(input_bytes(s) for s in data.sources))
+    if data.engine == "dask":
+        with dask_client(cfg, workers) as client:
+            workers = sum(client.nthreads().values())
+            kinds = prepare(sources, data, out, client.get_executor(pure=False), 2 * workers)
+    elif workers > 1:
+        # forkserver: the stage may run in a thread of a Prefect process (fork + threads hangs)
+        ctx = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            kinds = prepare(sources, data, out, pool, window=2 * workers)
+    else:
+        kinds = prepare(sources, data, out)
     metrics: dict[str, Any] = {}
     stats_out: dict[str, Any] = {}
-    split = cfg.data.split
-    for kind, rows in sorted(by_kind.items()):
-        rows, stats = clean_kind(kind, rows, cfg)
-        parts = split_records(
-            rows, text_of(kind), validation=split.validation, test=split.test, seed=split.seed
-        )
-        (out / kind).mkdir()
+    for kind, (stats, counts) in kinds.items():
         for name in SPLITS:
-            table = pa.Table.from_pylist(parts[name], schema=SCHEMAS[kind])
-            pq.write_table(table, out / kind / f"{name}.parquet")
-            metrics[f"{kind}.{name}_rows"] = len(parts[name])
-        stats_out[kind] = {**stats.as_dict(), **{f"{s}_rows": len(parts[s]) for s in SPLITS}}
+            metrics[f"{kind}.{name}_rows"] = counts[name]
+        stats_out[kind] = {**stats.as_dict(), **{f"{s}_rows": counts[s] for s in SPLITS}}
         metrics[f"{kind}.dropped"] = stats.loaded - stats.kept
     (out / "stats.json").write_text(json.dumps(stats_out, indent=2, sort_keys=True))
-    return BuildResult(metrics=metrics, extra={"stats": stats_out})
+    extra = {"stats": stats_out, "workers": workers, "engine": data.engine}
+    return BuildResult(metrics=metrics, extra=extra)
+
+
+@contextmanager
+def dask_client(cfg: RunConfig, workers: int) -> Iterator[Any]:
+    """The scheduler at compute.dask_address, or a LocalCluster of `workers` processes."""
+    from distributed import Client, LocalCluster
+
+    if cfg.compute.dask_address:
+        with Client(cfg.compute.dask_address) as client:
+            yield client
+        return
+    kw = {"n_workers": workers, "threads_per_worker": 1, "dashboard_address": None}
+    with LocalCluster(processes=True, **kw) as cluster, Client(cluster) as client:
+        yield client
 
 
 prepare_data, data_task = STAGE.define(data_spec, build_data)

@@ -10,6 +10,8 @@ stale blocks.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -46,15 +48,24 @@ def pack_blocks(
         yield buf + [pad_id] * (block_size - n), [1] * n + [0] * (block_size - n)
 
 
-def tokenize_texts(texts: list[str], tokenizer, cache_dir: Path) -> Iterator[list[int]]:
+def tokenize_texts(
+    texts: list[str] | Path, tokenizer, cache_dir: Path, num_proc: int | None = None
+) -> Iterator[list[int]]:
     """Token ids per document, via datasets.map(batched=True) (multi-process capable), each
-    starting with BOS where the tokenizer starts texts with one (tasks/templates.py)."""
+    starting with BOS where the tokenizer starts texts with one (tasks/templates.py).
+    `texts` may be a parquet file with a `text` column: it is then memory-mapped as Arrow,
+    never a Python list, and the ids are streamed in batches."""
     import datasets
 
     from fasttrack.core.templates import document_bos
 
     head = [] if (bos := document_bos(tokenizer)) is None else [bos]
-    ds = datasets.Dataset.from_dict({"text": texts})
+    if isinstance(texts, Path) and pq.ParquetFile(texts).metadata.num_rows:
+        ds = datasets.Dataset.from_parquet(
+            str(texts), columns=["text"], cache_dir=str(cache_dir / "hf-cache")
+        )
+    else:
+        ds = datasets.Dataset.from_dict({"text": [] if isinstance(texts, Path) else texts})
 
     def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
         ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
@@ -66,6 +77,7 @@ def tokenize_texts(texts: list[str], tokenizer, cache_dir: Path) -> Iterator[lis
         remove_columns=["text"],
         cache_file_name=str(cache_dir / "tokenized.arrow"),
         desc="tokenize",
+        num_proc=num_proc if num_proc and num_proc > 1 else None,
     )
     for batch in tokenized.iter(batch_size=1000):
         yield from batch["ids"]
@@ -98,8 +110,14 @@ def _flush(writer: pq.ParquetWriter, schema: pa.Schema, chunk: list) -> int:
     return n
 
 
+def pack_workers(path: Path) -> int:
+    """Tokenizer processes: one per core (at most 8) above 16 MB of text; none for less (a pool
+    costs more than it saves). The blocks do not depend on it (map keeps the order)."""
+    return 1 if path.stat().st_size < 16_000_000 else max(1, min(os.cpu_count() or 1, 8))
+
+
 def build_pack(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
-    from fasttrack.lib.datasets import read_split
+    from fasttrack.lib.datasets import split_path
     from fasttrack.lib.models import load_tokenizer, max_positions
 
     store, data, base = ArtifactStore(cfg.store), spec.upstream["data"], spec.upstream["base"]
@@ -114,8 +132,8 @@ def build_pack(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         raise ModelError("the base tokenizer has no EOS token; set one to separate documents")
     metrics = {}
     for split in SPLITS:
-        texts = [r["text"] for r in read_split(store, data, "corpus", split)]
-        docs = tokenize_texts(texts, tok, out)
+        path = split_path(store, data, "corpus", split)
+        docs = tokenize_texts(path, tok, out, num_proc=pack_workers(path))
         tokens = 0
 
         def counted(docs=docs) -> Iterator[list[int]]:
@@ -129,10 +147,11 @@ def build_pack(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
             out / f"{split}.parquet",
         )
         metrics[f"{split}_blocks"], metrics[f"{split}_tokens"] = n, tokens
-        metrics[f"{split}_docs"] = len(texts)
+        metrics[f"{split}_docs"] = pq.ParquetFile(path).metadata.num_rows
         (out / "tokenized.arrow").unlink(missing_ok=True)
-    for f in out.glob("cache-*.arrow"):
+    for f in out.glob("*.arrow"):  # map's per-process pieces (tokenized_0000X_of_...)
         f.unlink()
+    shutil.rmtree(out / "hf-cache", ignore_errors=True)
     return BuildResult(metrics=metrics)
 
 

@@ -83,6 +83,17 @@ class DataConfig(Section):
         description="A longer record (JSONL line, CSV row, text file) is an error, not a silent "
         "multi-GB cleaning job; null = no limit. Not part of the key.",
     )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        description="Processes for the per-row cleaning work; null = one per core for inputs "
+        "over 16 MB, else 1. Results do not depend on it; not part of the key.",
+    )
+    engine: Literal["local", "dask"] = Field(
+        "local",
+        description="Where the per-row work runs: local processes, or Dask workers "
+        "(compute.dask_address, else a LocalCluster of `workers` processes). Not in the key.",
+    )
 
 
 class TokenizerConfig(Section):

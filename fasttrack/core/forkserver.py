@@ -37,6 +37,25 @@ from typing import Any
 
 ENV = "FASTTRACK_FORKSERVER"
 PRELOAD = ("torch", "transformers", "peft", "trl", "datasets", "accelerate")
+# the child's entry point, by name: isolation uses this module, so this one must not import it
+ENTRY = "fasttrack.core.isolation:child_main"
+
+
+def set_pdeathsig() -> None:  # pragma: no cover - runs in a child before exec / after fork
+    """Ask Linux to SIGKILL this process when its parent dies (no-op elsewhere)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _entry() -> Any:
+    import importlib
+
+    module, _, name = ENTRY.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 _MAX = 1 << 20
 # Read by the preloaded libraries when they are imported (hub paths and offline mode, thread
 # pools, devices): a zygote started under other values is replaced, not forked from.
@@ -82,8 +101,6 @@ class Zygote:
     _instance: Zygote | None = None
 
     def __init__(self) -> None:
-        from fasttrack.core.isolation import _set_pdeathsig
-
         self.env = import_env()
 
         self.dir = Path(tempfile.mkdtemp(prefix="fasttrack-zygote-"))
@@ -92,7 +109,7 @@ class Zygote:
             [sys.executable, "-m", "fasttrack.core.forkserver", self.path],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            preexec_fn=_set_pdeathsig,  # dies with this process
+            preexec_fn=set_pdeathsig,  # dies with this process
         )
         ready = self.proc.stdout.readline() if self.proc.stdout else b""  # after the preload
         if ready.strip() != b"ready":
@@ -136,9 +153,8 @@ def _child(listener: socket.socket, conn: socket.socket, req: dict[str, Any], fd
     code = 1
     try:
         os.setsid()  # its own process group: the parent's killpg reaches it and its children
-        from fasttrack.core.isolation import _set_pdeathsig, child_main
-
-        _set_pdeathsig()  # the zygote is its parent now
+        child_main = _entry()
+        set_pdeathsig()  # the zygote is its parent now
         listener.close()
         conn.close()
         null = os.open(os.devnull, os.O_RDONLY)
@@ -173,7 +189,7 @@ def serve(path: str) -> None:
     for name in PRELOAD:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
-    import fasttrack.core.isolation  # noqa: F401
+    _entry()  # the child entry's module, preloaded too
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(path)

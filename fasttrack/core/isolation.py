@@ -64,12 +64,7 @@ class StageTimeout(FastTrackError):
     """The stage ran longer than its configured timeout; the child was stopped."""
 
 
-def _set_pdeathsig() -> None:  # pragma: no cover - runs in the forked child before exec
-    """Ask Linux to SIGKILL the child when the parent dies (no-op elsewhere)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+_set_pdeathsig = forkserver.set_pdeathsig  # the child dies with its parent
 
 
 def kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:

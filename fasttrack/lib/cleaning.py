@@ -113,12 +113,22 @@ def _sha256(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
 
 
+def exact_digest(text: str) -> bytes:
+    """What exact dedup compares: the text ignoring case and whitespace differences."""
+    return _sha256(" ".join(text.casefold().split()))
+
+
+def split_digest(key: str, seed: int) -> bytes:
+    """The rank of a row in the seeded split."""
+    return _sha256(f"{seed}:{key}")
+
+
 def exact_dedup(records: Iterable[Record], text_of: TextOf, stats: CleanStats) -> list[Record]:
     """Keep the first row of each text, ignoring case and whitespace differences."""
     seen: set[bytes] = set()
     kept = []
     for rec in records:
-        digest = _sha256(" ".join(text_of(rec).casefold().split()))
+        digest = exact_digest(text_of(rec))
         if digest in seen:
             stats.drop("exact_duplicate")
         else:
@@ -134,7 +144,7 @@ def _shingles(text: str, size: int) -> list[bytes]:
     return [g.encode("utf-8", "surrogatepass") for g in sorted(grams)]
 
 
-def _lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     """Bands b and rows r (b >= 2) with the most rows that still find pairs at the threshold.
 
     datasketch's own optimum finds only ~46% of pairs at J=0.85 and refuses threshold=1.0;
@@ -167,7 +177,7 @@ def near_dedup(
     records = list(records)
     shingles = (_shingles(text_of(rec), shingle_size) for rec in records)
     hashes = MinHash.bulk(shingles, num_perm=num_perm, seed=seed)
-    lsh = MinHashLSH(num_perm=num_perm, params=_lsh_params(threshold, num_perm))
+    lsh = MinHashLSH(num_perm=num_perm, params=lsh_params(threshold, num_perm))
     matrix = np.array([mh.hashvalues for mh in hashes])  # one row per record
     kept = []
     for i, (rec, mh) in enumerate(zip(records, hashes, strict=True)):
@@ -205,16 +215,23 @@ def split_records(
         raise ValueError(f"need validation, test >= 0 and sum < 1, got {validation}, {test}")
     records = list(records)
     n = len(records)
-    n_test, n_val = round(n * test), round(n * validation)
-    if n >= 3:
-        n_test = max(n_test, 1) if test > 0 else 0
-        n_val = max(n_val, 1) if validation > 0 else 0
-    n_test = min(n_test, max(n - 1, 0))
-    n_val = min(n_val, max(n - 1 - n_test, 0))
-    order = sorted(range(n), key=lambda i: _sha256(f"{seed}:{key_of(records[i])}"))
+    n_test, n_val = split_sizes(n, validation=validation, test=test)
+    order = sorted(range(n), key=lambda i: split_digest(key_of(records[i]), seed))
     label = {i: "test" for i in order[:n_test]}
     label.update({i: "validation" for i in order[n_test : n_test + n_val]})
     out: dict[str, list[Record]] = {"train": [], "validation": [], "test": []}
     for i, rec in enumerate(records):
         out[label.get(i, "train")].append(rec)
     return out
+
+
+def split_sizes(n: int, *, validation: float, test: float) -> tuple[int, int]:
+    """(test rows, validation rows) of a split of n rows (see split_records)."""
+    if not (validation >= 0.0 and test >= 0.0 and validation + test < 1.0):  # rejects NaN too
+        raise ValueError(f"need validation, test >= 0 and sum < 1, got {validation}, {test}")
+    n_test, n_val = round(n * test), round(n * validation)
+    if n >= 3:
+        n_test = max(n_test, 1) if test > 0 else 0
+        n_val = max(n_val, 1) if validation > 0 else 0
+    n_test = min(n_test, max(n - 1, 0))
+    return n_test, min(n_val, max(n - 1 - n_test, 0))

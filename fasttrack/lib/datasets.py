@@ -5,6 +5,8 @@ Every stage that consumes data reads it through here, so no stage imports the da
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow.parquet as pq
 
 from fasttrack.core.errors import DataError
@@ -17,8 +19,8 @@ def has_kind(store: ArtifactStore, ref: ArtifactRef, kind: str) -> bool:
     return (store.local_path(ref) / kind / "train.parquet").exists()
 
 
-def read_split(store: ArtifactStore, ref: ArtifactRef, kind: str, split: str) -> list[dict]:
-    """Rows of one split of one kind from a data artifact."""
+def split_path(store: ArtifactStore, ref: ArtifactRef, kind: str, split: str) -> Path:
+    """The parquet file of one split of one kind (for streaming readers, e.g. `datasets`)."""
     path = store.local_path(ref) / kind / f"{split}.parquet"
     if not path.exists():
         kinds = sorted(p.name for p in store.local_path(ref).iterdir() if p.is_dir())
@@ -26,4 +28,9 @@ def read_split(store: ArtifactStore, ref: ArtifactRef, kind: str, split: str) ->
             f"data: no {kind} dataset in the data artifact (have: {', '.join(kinds) or 'none'}); "
             f"add a source whose format produces {kind} rows"
         )
-    return pq.read_table(path).to_pylist()
+    return path
+
+
+def read_split(store: ArtifactStore, ref: ArtifactRef, kind: str, split: str) -> list[dict]:
+    """Rows of one split of one kind from a data artifact, in memory."""
+    return pq.read_table(split_path(store, ref, kind, split)).to_pylist()

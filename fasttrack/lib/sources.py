@@ -81,6 +81,12 @@ def content_hash(src: SourceConfig) -> str:
     return h.hexdigest()
 
 
+def input_bytes(src: SourceConfig) -> int:
+    """Bytes of a local source (0 for hub datasets): sizes the data stage's worker pool."""
+    scheme, loc = resolve(src)
+    return 0 if scheme != "file" else sum(f.stat().st_size for f in source_files(Path(loc)))
+
+
 def read_rows(
     src: SourceConfig,
     encoding: str = "utf-8",
@@ -209,12 +215,14 @@ def _read_csv(path: Path, encoding: str, sep: str) -> Iterator[tuple[str, Row]]:
 def _read_parquet(path: Path) -> Iterator[tuple[str, Row]]:
     import pyarrow.parquet as pq
 
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for truncated files
+    i = 0
+    try:  # record batches: a large file is never all in memory
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                yield f"{path}: row {i}", row
+                i += 1
+    except (OSError, ValueError) as exc:  # ArrowInvalid (a ValueError)/OSError: truncated file
         raise DataError(f"{path}: unreadable parquet ({exc})") from None
-    for i, row in enumerate(table.to_pylist()):
-        yield f"{path}: row {i}", row
 
 
 def _read_hf(
@@ -235,17 +243,18 @@ def _read_hf(
         yield f"{src.path}: row {i}", row
 
 
-def load_source(
+def iter_source(
     src: SourceConfig,
     encoding: str = "utf-8",
     max_chars: int | None = None,
     token: str | None = None,
-) -> tuple[str, list[Row]]:
-    """(kind, canonical rows) of one source; raises DataError naming the culprit."""
+) -> Iterator[Row]:
+    """Canonical rows of one source, one at a time (memory does not grow with the source);
+    raises DataError naming the culprit's file:line."""
     fields = FORMAT_FIELDS[src.format]
     column = {name: src.columns.get(name, name) for name in (*fields, *META_FIELDS)}
     convert = _CONVERTERS[src.format]
-    rows = []
+    n = 0
     for where, raw in read_rows(src, encoding, max_chars, token):
         for name, required in fields.items():
             if required and column[name] not in raw:
@@ -257,26 +266,36 @@ def load_source(
                 )
         get = {name: raw.get(column[name]) for name in (*fields, *META_FIELDS)}
         row = convert(get, where)
-        if max_chars and _chars(row) > max_chars:
+        if max_chars and row_chars(row) > max_chars:
             raise DataError(too_long(where, max_chars))
         for meta in META_FIELDS:
             if get[meta] not in (None, ""):
                 row[meta] = str(get[meta])
-        rows.append(row)
-        if src.max_rows and len(rows) >= src.max_rows:
+        yield row
+        n += 1
+        if src.max_rows and n >= src.max_rows:
             break
-    if not rows:
+    if not n:
         raise DataError(f"{src.path}: no rows")
-    return KIND_OF_FORMAT[src.format], rows
 
 
-def _chars(value: Any) -> int:
+def load_source(
+    src: SourceConfig,
+    encoding: str = "utf-8",
+    max_chars: int | None = None,
+    token: str | None = None,
+) -> tuple[str, list[Row]]:
+    """(kind, canonical rows) of one source, all in memory; raises DataError naming the culprit."""
+    return KIND_OF_FORMAT[src.format], list(iter_source(src, encoding, max_chars, token))
+
+
+def row_chars(value: Any) -> int:
     """Characters of text in a canonical row (strings in nested lists/dicts)."""
     if isinstance(value, str):
         return len(value)
     if isinstance(value, dict):
-        return sum(_chars(v) for v in value.values())
-    return sum(_chars(v) for v in value) if isinstance(value, list) else 0
+        return sum(row_chars(v) for v in value.values())
+    return sum(row_chars(v) for v in value) if isinstance(value, list) else 0
 
 
 def _text(value: Any, where: str, name: str, optional: bool = False) -> str:

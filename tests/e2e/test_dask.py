@@ -1,7 +1,10 @@
-"""Evaluations fan out on a Dask LocalCluster: three models are evaluated at the same time
-(overlapping task-run intervals, read back through the Prefect API)."""
+"""Dask: evaluations fan out on a LocalCluster (three models evaluated at the same time, read
+back through the Prefect API), and the data stage runs its per-row work on one."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +40,25 @@ def test_three_evaluations_run_in_parallel_on_dask(tmp_path, prefect_harness):
     latest_start = max(r.start_time for r in runs)
     earliest_end = min(r.end_time for r in runs)
     assert latest_start < earliest_end, "the three evaluations did not overlap in time"
+
+
+def test_data_stage_on_a_dask_cluster_equals_the_local_run(tmp_path, monkeypatch):
+    """The data stage's per-row work on a 2-worker LocalCluster, batches of 7 rows: the same
+    key and byte-identical rows, drops and splits as the in-process run."""
+    pytest.importorskip("distributed")
+    from fasttrack.core.config_loader import load_config
+    from fasttrack.lib import dataprep
+    from tasks.data import prepare_data
+    from tests.unit.test_data_stage import _digests
+
+    local = load_config(write_config(tmp_path / "a.yaml", tiny_config_dict(tmp_path / "s1")))
+    d = tiny_config_dict(tmp_path / "s2")
+    d["data"].update(engine="dask", workers=2)
+    on_dask = load_config(write_config(tmp_path / "b.yaml", d))
+    ref_local = prepare_data(local)
+    monkeypatch.setattr(dataprep, "BATCH_ROWS", 7)
+    ref_dask = prepare_data(on_dask)
+    assert ref_dask.key == ref_local.key
+    assert _digests(ref_dask.uri) == _digests(ref_local.uri)
+    manifest = json.loads((Path(ref_dask.uri) / "manifest.json").read_text())
+    assert (manifest["engine"], manifest["workers"]) == ("dask", 2)

@@ -3,6 +3,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+import tasks.pack as pack_module
 from fasttrack.core.config_loader import load_config
 from fasttrack.core.errors import ModelError
 from fasttrack.core.store import ArtifactStore
@@ -53,7 +54,7 @@ def test_tokenizer_or_template_change_changes_downstream_keys(tmp_path: Path) ->
     assert pack_spec(cfgs[0], data, bases[0]).key != pack_spec(cfgs[1], data, bases[1]).key
 
 
-def test_scratch_base_and_pack(tiny_cfg) -> None:
+def test_scratch_base_and_pack(tiny_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = ArtifactStore(tiny_cfg.store)
     data = prepare_data(tiny_cfg)
     base = resolve_base(tiny_cfg, data)
@@ -69,6 +70,13 @@ def test_scratch_base_and_pack(tiny_cfg) -> None:
     assert got == expected  # every token of every document, EOS after each, in order
     assert packed.metrics["train_tokens"] == len(expected)
     assert all(len(r["input_ids"]) == 64 for r in table)
+    # Streamed from the memory-mapped split on 2 tokenizer processes: the same blocks.
+    monkeypatch.setattr(pack_module, "pack_workers", lambda path: 2)
+    out = tmp_path / "pack2"
+    out.mkdir()
+    pack_module.build_pack(tiny_cfg, pack_spec(tiny_cfg, data, base), out)
+    assert pq.read_table(out / "train.parquet").to_pylist() == table
+    assert sorted(p.name for p in out.iterdir()) == ["train.parquet", "validation.parquet"]
 
 
 def _save_tiny_hf_model(path: Path, tiny_cfg, max_positions: int = 128) -> None:
