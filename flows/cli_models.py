@@ -131,6 +131,9 @@ def serve(
         key = _api_key(api_key_env)
         cfg = load_config(config, split_overrides(set_))
         import tasks  # noqa: F401  (registers every stage: the model chain computes their keys)
+        from fasttrack.lib.serve_model import resolve_model
+
+        resolve_model(cfg, model)  # a run with nothing to serve answers before torch loads
         from fasttrack.lib.serve_run import load_served, run_server
 
         merged = _merged_export(config, cfg, model, set_) if engine == "vllm" else None

@@ -30,7 +30,7 @@ def report(
     from rich.markdown import Markdown
 
     from fasttrack.core.store import ArtifactStore
-    from tasks.report import find_report
+    from fasttrack.core.store_admin import find_report
 
     try:
         manifest, path = find_report(ArtifactStore(store), run)

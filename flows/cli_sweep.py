@@ -94,8 +94,8 @@ def compare(
 ) -> None:
     """Config diff (the settings their artifacts were keyed on) and metric diff of two runs."""
     from fasttrack.core.store import ArtifactStore
+    from fasttrack.core.store_admin import find_report
     from fasttrack.lib.compare import diff, keyed_config, run_metrics
-    from tasks.report import find_report
 
     st = ArtifactStore(store)
     try:

@@ -17,6 +17,7 @@ from fasttrack.core.config import RunConfig
 from fasttrack.core.log import get_logger
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
+from fasttrack.core.store_admin import find_report  # noqa: F401  (re-exported)
 from fasttrack.lib.evalstats import load_scores, stage_verdicts
 from fasttrack.lib.gates import describe, run_gates
 from fasttrack.lib.stats import Bootstrap
@@ -234,20 +235,3 @@ def publish_report(cfg: RunConfig, report: ArtifactRef) -> str:
     text = (ArtifactStore(cfg.store).local_path(report) / "report.md").read_text()
     create_markdown_artifact(markdown=text, key=REPORT_KEY, description=f"run {cfg.name}")
     return text
-
-
-def find_report(store: ArtifactStore, run: str = "latest") -> tuple[dict, Path]:
-    """(manifest, report.md path) of the newest report of run `run` (a config name) or of any."""
-    from fasttrack.core.errors import FastTrackError
-
-    reports = [m for m in store.manifests() if m["stage"] == "report"]
-    if run != "latest":
-        reports = [m for m in reports if m.get("run") == run]
-    if not reports:
-        names = sorted({m.get("run", "?") for m in store.manifests() if m["stage"] == "report"})
-        raise FastTrackError(
-            f"report: no report of {run!r} in {store.url} (runs: {', '.join(names) or 'none'})"
-        )
-    newest = max(reports, key=lambda m: m["created_at"])
-    ref = ArtifactRef(stage="report", key=newest["key"], uri=store.uri("report", newest["key"]))
-    return newest, store.local_path(ref) / "report.md"

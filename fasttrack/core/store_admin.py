@@ -29,7 +29,7 @@ from filelock import Timeout
 
 from fasttrack.core.errors import FastTrackError, StoreError
 from fasttrack.core.integrity import last_used, quarantine, stamp_path
-from fasttrack.core.store import MANIFEST, PROMOTED, ArtifactStore
+from fasttrack.core.store import MANIFEST, PROMOTED, ArtifactRef, ArtifactStore
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _AGE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -183,3 +183,20 @@ def _stale_work_dirs(store: ArtifactStore, max_age_s: float, now: float, dry_run
             continue
         out.append(str(path))
     return out
+
+
+def find_report(store: ArtifactStore, run: str = "latest") -> tuple[dict, Path]:
+    """(manifest, report.md path) of the newest report of run `run` (a config name) or of any.
+    Here, not in the report stage, so `fasttrack report`/`compare` answer without importing the
+    stages."""
+    reports = [m for m in store.manifests() if m["stage"] == "report"]
+    if run != "latest":
+        reports = [m for m in reports if m.get("run") == run]
+    if not reports:
+        names = sorted({m.get("run", "?") for m in store.manifests() if m["stage"] == "report"})
+        raise FastTrackError(
+            f"report: no report of {run!r} in {store.url} (runs: {', '.join(names) or 'none'})"
+        )
+    newest = max(reports, key=lambda m: m["created_at"])
+    ref = ArtifactRef(stage="report", key=newest["key"], uri=store.uri("report", newest["key"]))
+    return newest, store.local_path(ref) / "report.md"

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
 
 Record = dict[str, Any]
 TextOf = Callable[[Record], str]
@@ -176,6 +175,8 @@ def near_dedup(
         raise ValueError("need 0 < threshold <= 1, num_perm >= 2 and shingle_size >= 1")
     records = list(records)
     shingles = (_shingles(text_of(rec), shingle_size) for rec in records)
+    from datasketch import MinHash, MinHashLSH  # 2 s to import: only here
+
     hashes = MinHash.bulk(shingles, num_perm=num_perm, seed=seed)
     lsh = MinHashLSH(num_perm=num_perm, params=lsh_params(threshold, num_perm))
     matrix = np.array([mh.hashvalues for mh in hashes])  # one row per record
