@@ -121,7 +121,7 @@ def serve(
                 f"serve --engine {engine}: unknown engine (engines: transformers, vllm)"
             )
         if engine == "vllm":
-            from fasttrack.lib.serve_vllm import check_vllm
+            from fasttrack.lib.device_info import check_vllm
 
             check_vllm()  # before anything loads
         if max_batch < 1 or max_pending < 1 or (threads is not None and threads < 1):
@@ -178,6 +178,12 @@ def export(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override KEY=VALUE")] = None,
 ) -> None:
     """Export a trained model of the run (config `export.*`); one cached artifact per format."""
+    from fasttrack.core.config_eval import check_export_formats
+
+    try:
+        check_export_formats(_split(format_))  # before Prefect and the stages load
+    except FastTrackError as exc:
+        _fail(exc)
     from flows.export import ExportParams, export_flow, resolve
 
     params = ExportParams(config=config, formats=_split(format_), model=model,

@@ -11,6 +11,7 @@ from prefect import flow
 from pydantic import BaseModel, Field
 
 from fasttrack.core.config import RunConfig
+from fasttrack.core.config_eval import check_export_formats
 from fasttrack.core.config_loader import load_config
 from fasttrack.core.errors import ConfigError, FastTrackError
 from fasttrack.core.integrity import checked_lookup
@@ -32,9 +33,7 @@ class ExportParams(BaseModel):
 def export_config(params: ExportParams) -> RunConfig:
     """The run config with the formats and model of the command line (checked, early)."""
     cfg = load_config(params.config, params.overrides)
-    for fmt in params.formats:
-        if fmt not in FORMATS:
-            raise ConfigError(f"--format: unknown format {fmt!r} (formats: {', '.join(FORMATS)})")
+    check_export_formats(params.formats)
     formats = params.formats or cfg.export.formats
     if not formats:
         raise ConfigError("export: no format: pass --format or set export.formats in the config")

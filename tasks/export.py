@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fasttrack.core.config import RunConfig
+from fasttrack.core.config_eval import EXPORT_FORMATS
 from fasttrack.core.errors import ModelError
 from fasttrack.core.lazy import inference_mode, lazy
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
@@ -35,7 +36,7 @@ from fasttrack.lib.tables import export_row, export_table
 torch = lazy("torch")  # imported on first use: a cached run never needs it
 
 STAGE = Stage("export", "1")  # bump when this module or gguf_export.py changes what it writes
-FORMATS = ("merged", "bnb-8bit", "bnb-4bit", "gguf-f16", "gguf-q8_0")
+FORMATS = EXPORT_FORMATS  # the config schema's Literal
 # Largest |logit - merged logit| / max |merged logit| on the fixed prompt a GGUF may show: f16
 # rounding alone, and q8_0's 8-bit blocks (tests/unit/test_gguf_export.py also checks both are
 # exactly the model with its weights rounded so).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
@@ -180,6 +180,18 @@ class EvaluateConfig(Section):
 
 
 ExportFormat = Literal["merged", "bnb-8bit", "bnb-4bit", "gguf-f16", "gguf-q8_0"]
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
+
+
+def check_export_formats(formats: list[str]) -> None:
+    """`--format` values: one ConfigError naming the first unknown one (the CLI checks before
+    Prefect and the stages load)."""
+    from fasttrack.core.errors import ConfigError
+
+    for fmt in formats:
+        if fmt not in EXPORT_FORMATS:
+            known = ", ".join(EXPORT_FORMATS)
+            raise ConfigError(f"--format: unknown format {fmt!r} (formats: {known})")
 
 
 class ExportConfig(Section):

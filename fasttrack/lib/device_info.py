@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 
+from fasttrack.core.errors import FastTrackError
+
 
 def detect_memory() -> tuple[int, str]:
     """(bytes, description) of the device a run here would train on."""
@@ -53,3 +55,25 @@ def hardware() -> dict[str, str | int]:
         out["gpu"] = torch.cuda.get_device_name(0)
         out["cuda"] = str(torch.version.cuda)
     return out
+
+
+class EngineError(FastTrackError):
+    """The requested serving engine cannot run on this machine."""
+
+
+def check_vllm() -> None:
+    """Raise EngineError (one line, before anything loads) unless vllm and CUDA are there."""
+    import importlib.util
+
+    missing = []
+    if importlib.util.find_spec("vllm") is None:  # then say so at once, without loading torch
+        missing.append("the vllm package is not installed (pip install vllm)")
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            missing.append("no CUDA device is visible")
+    if missing:
+        raise EngineError(
+            f"serve --engine vllm: {'; '.join(missing)}; serve with --engine transformers"
+        )

@@ -20,27 +20,7 @@ from typing import Any
 
 from fasttrack.core.errors import FastTrackError
 from fasttrack.lib.batcher import Busy, Completion, Request, cut_at_stop
-
-
-class EngineError(FastTrackError):
-    """The requested serving engine cannot run on this machine."""
-
-
-def check_vllm() -> None:
-    """Raise EngineError (one line, before anything loads) unless vllm and CUDA are there."""
-    import importlib.util
-
-    import torch
-
-    missing = []
-    if importlib.util.find_spec("vllm") is None:
-        missing.append("the vllm package is not installed (pip install vllm)")
-    if not torch.cuda.is_available():
-        missing.append("no CUDA device is visible")
-    if missing:
-        raise EngineError(
-            f"serve --engine vllm: {'; '.join(missing)}; serve with --engine transformers"
-        )
+from fasttrack.lib.device_info import EngineError, check_vllm  # noqa: F401  (re-exported)
 
 
 def sampling_params(req: Request, stop_ids: list[int]) -> Any:
