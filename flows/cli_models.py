@@ -179,9 +179,11 @@ def export(
 ) -> None:
     """Export a trained model of the run (config `export.*`); one cached artifact per format."""
     from fasttrack.core.config_eval import check_export_formats
+    from fasttrack.core.config_loader import load_config
 
-    try:
-        check_export_formats(_split(format_))  # before Prefect and the stages load
+    try:  # before Prefect and the stages load
+        cfg = load_config(config, split_overrides(set_))
+        check_export_formats(_split(format_), list(cfg.export.formats))
     except FastTrackError as exc:
         _fail(exc)
     from flows.export import ExportParams, export_flow, resolve

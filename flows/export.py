@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from fasttrack.core.config import RunConfig
 from fasttrack.core.config_eval import check_export_formats
 from fasttrack.core.config_loader import load_config
-from fasttrack.core.errors import ConfigError, FastTrackError
+from fasttrack.core.errors import FastTrackError
 from fasttrack.core.integrity import checked_lookup
 from fasttrack.core.store import ArtifactRef, ArtifactStore
 from fasttrack.lib.chain import MODEL_ORDER, run_models
@@ -33,10 +33,7 @@ class ExportParams(BaseModel):
 def export_config(params: ExportParams) -> RunConfig:
     """The run config with the formats and model of the command line (checked, early)."""
     cfg = load_config(params.config, params.overrides)
-    check_export_formats(params.formats)
-    formats = params.formats or cfg.export.formats
-    if not formats:
-        raise ConfigError("export: no format: pass --format or set export.formats in the config")
+    formats = check_export_formats(params.formats, list(cfg.export.formats))
     update = {"formats": formats}
     if params.model in ("newest", *MODEL_ORDER):
         update["model"] = params.model

@@ -183,15 +183,19 @@ ExportFormat = Literal["merged", "bnb-8bit", "bnb-4bit", "gguf-f16", "gguf-q8_0"
 EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 
 
-def check_export_formats(formats: list[str]) -> None:
-    """`--format` values: one ConfigError naming the first unknown one (the CLI checks before
-    Prefect and the stages load)."""
+def check_export_formats(formats: list[str], configured: list[str] | None = None) -> list[str]:
+    """The formats to export: `--format` values, else the config's; one ConfigError naming the
+    first unknown one, or saying there is none (the CLI checks before Prefect and the stages
+    load)."""
     from fasttrack.core.errors import ConfigError
 
     for fmt in formats:
         if fmt not in EXPORT_FORMATS:
             known = ", ".join(EXPORT_FORMATS)
             raise ConfigError(f"--format: unknown format {fmt!r} (formats: {known})")
+    if configured is not None and not (formats or configured):
+        raise ConfigError("export: no format: pass --format or set export.formats in the config")
+    return list(formats or configured or [])
 
 
 class ExportConfig(Section):
