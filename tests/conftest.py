@@ -197,3 +197,24 @@ def disk_full_on_publish() -> Iterator[None]:
         yield
     finally:
         os.fsync = real
+
+
+def training_children(root: Any = None) -> list[Any]:
+    """Training children under `root` (default: this process): a fresh `python -m
+    fasttrack.core.isolation` interpreter, or a child forked from the zygote (same command line
+    as the zygote `python -m fasttrack.core.forkserver`, whose child it is)."""
+    import psutil
+
+    found = []
+    for proc in (root or psutil.Process()).children(recursive=True):
+        try:
+            cmd = " ".join(proc.cmdline())
+            parent = proc.parent()
+            forked = parent is not None and "fasttrack.core.forkserver" in " ".join(
+                parent.cmdline()
+            )
+            if "fasttrack.core.isolation" in cmd or ("fasttrack.core.forkserver" in cmd and forked):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found

@@ -118,25 +118,27 @@ def _data_params(cfg_path: Path) -> PipelineParams:
 def test_builder_raising_half_way_publishes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tasks.data
+    from fasttrack.lib import dataprep
 
     cfg_path = fault_config(tmp_path)
     store = ArtifactStore(load_config(cfg_path).store)
-    real, written = tasks.data.pq.write_table, []
+    real, written = dataprep.pq.ParquetWriter, []
 
-    def half_then_fail(table, where, *a, **k):
-        if len(written) >= 4:  # 4 of the 9 parquet files are on disk
-            raise RuntimeError("builder crashed half-way")
-        written.append(where)
-        return real(table, where, *a, **k)
+    class HalfThenFail(real):  # the split files are written as streams
+        def __init__(self, where, *a, **k):
+            if Path(where).stem in ("train", "validation", "test"):
+                if len(written) >= 4:  # 4 of the 9 split files are on disk
+                    raise RuntimeError("builder crashed half-way")
+                written.append(where)
+            super().__init__(where, *a, **k)
 
-    monkeypatch.setattr(tasks.data.pq, "write_table", half_then_fail)
+    monkeypatch.setattr(dataprep.pq, "ParquetWriter", HalfThenFail)
     with pytest.raises(RuntimeError, match="half-way"):
         pipeline(_data_params(cfg_path))
     assert len(written) == 4 and store.manifests() == []
     assert not (Path(store.root) / "data").exists()
     assert list((store.scratch / "tmp").iterdir()) == []  # staging removed
-    monkeypatch.setattr(tasks.data.pq, "write_table", real)
+    monkeypatch.setattr(dataprep.pq, "ParquetWriter", real)
     summary = pipeline(_data_params(cfg_path))
     assert summary.executed == ["data"]
     assert_consistent(store)

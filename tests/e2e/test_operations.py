@@ -15,21 +15,9 @@ import pytest
 from fasttrack.core.config_loader import load_config
 from fasttrack.core.store import ArtifactStore
 from fasttrack.lib.training import checkpoint_complete
-from tests.conftest import tiny_config_dict, write_config
+from tests.conftest import tiny_config_dict, training_children, write_config
 
 pytestmark = pytest.mark.e2e
-
-
-def training_children() -> list[psutil.Process]:
-    """This process's training children (`python -m fasttrack.core.isolation ...`)."""
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "fasttrack.core.isolation" in proc.cmdline():
-                found.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    return found
 
 
 def resume_config(tmp_path: Path, store: str, **pretrain) -> Path:

@@ -20,7 +20,7 @@ import pytest
 from fasttrack.core.compute import free_port
 from fasttrack.core.config_loader import load_config
 from fasttrack.core.store import ArtifactStore
-from tests.conftest import tiny_config_dict, write_config
+from tests.conftest import tiny_config_dict, training_children, write_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.server]
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,12 +197,8 @@ def test_cancel_stops_the_training_child(server, worker, tmp_path, client_settin
     run = trigger(cfg_path, timeout=0)
     deadline, child = time.monotonic() + 300, None
     while child is None and time.monotonic() < deadline:
-        for proc in psutil.Process(worker.pid).children(recursive=True):
-            try:
-                if "fasttrack.core.isolation" in proc.cmdline():
-                    child = proc
-            except psutil.NoSuchProcess:
-                continue
+        for proc in training_children(psutil.Process(worker.pid)):
+            child = proc
         time.sleep(0.5)
     assert child is not None, "the training child never started"
     with get_client(sync_client=True) as client:
