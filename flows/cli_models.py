@@ -67,11 +67,16 @@ def ask(
     text = escape(result.text) if result.text else "[dim](the model produced no text)[/]"
     console.print(f"[bold]{result.model_stage}[/] ({result.model_key}): {text}")
     sources = Table(title=f"sources ({result.mode})")
-    for col in ("#", "title", "section", "score"):
+    used = len(result.hits) if result.in_prompt is None else result.in_prompt
+    for col in ("#", "title", "section", "score", "in prompt"):
         sources.add_column(col)
-    for hit in result.hits:
-        sources.add_row(str(hit.rank), hit.title, hit.section or "", f"{hit.score:.3f}")
+    for i, hit in enumerate(result.hits):
+        row = (str(hit.rank), hit.title, hit.section or "", f"{hit.score:.3f}")
+        sources.add_row(*row, "yes" if i < used else "no (past the context)")
     show(sources)
+    if used < len(result.hits):
+        err.print(f"[yellow]note:[/] {used} of {len(result.hits)} retrieved chunks fit the "
+                  "model's context; the lowest-ranked were left out", soft_wrap=True)  # fmt: skip
 
 
 def _api_key(env: str | None) -> str | None:

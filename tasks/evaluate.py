@@ -158,16 +158,18 @@ def _last(row: dict, role: str) -> str:
 def build_rag_eval(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     """The model answering with retrieved context: ROUGE/BLEU of those answers, plus the
     index's recall@k, so retrieval sits in the same comparison table."""
-    from fasttrack.lib.ask import build_prompt
+    from fasttrack.lib.ask import fitted_prompt
+    from fasttrack.lib.generate import prompt_room
     from fasttrack.lib.retrieval import Retriever
 
     store, rag = ArtifactStore(cfg.store), spec.upstream["rag"]
     model, tok = load_model(cfg, spec.upstream["model"])
     retriever = Retriever.open(cfg, rag)
+    room = prompt_room(model, cfg.generation.max_new_tokens)
 
-    def with_context(question: str) -> str:
+    def with_context(question: str) -> str:  # as `ask` builds it: the best chunks that fit
         hits = retriever.search(question, k=cfg.rag.top_k, mode=cfg.rag.mode)
-        return build_prompt(question, hits)
+        return fitted_prompt(question, hits, tok, room)[0]
 
     scores: Scores = {}
     metrics = generation_metrics(

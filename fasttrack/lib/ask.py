@@ -12,7 +12,7 @@ from typing import Any
 from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import FastTrackError
 from fasttrack.core.store import ArtifactRef
-from fasttrack.lib.generate import generate
+from fasttrack.lib.generate import chat_text, generate, prompt_room
 
 PROMPT = "Answer the question using the context. Cite sources as [n].\n\n{context}\n\nQuestion: {q}"
 
@@ -25,6 +25,7 @@ class Answer:
     model_stage: str
     model_key: str
     notes: list[str]  # why newer models of the run were not used
+    in_prompt: int | None = None  # how many of `hits` (the best) fit the model's context
 
 
 def run_index(cfg: RunConfig) -> ArtifactRef:
@@ -46,12 +47,35 @@ def build_prompt(question: str, hits: list[Any]) -> str:
     return PROMPT.format(context=context, q=question)
 
 
-def rag_prompt(
-    retriever: Any, question: str, k: int | None = None, mode: str | None = None
+def fitted_prompt(
+    question: str, hits: list[Any], tok: Any = None, room: int | None = None
 ) -> tuple[str, list[Any]]:
-    """The cited-context prompt for `question` and the hits it cites (ask and serve share it)."""
-    hits = retriever.search(question, k=k, mode=mode)
-    return build_prompt(question, hits), hits
+    """The prompt over the best-ranked hits whose chat-templated prompt fits `room` tokens, and
+    those hits: the lowest-ranked go first (cutting the prompt on the left, as a model's context
+    forces, would drop the best-ranked chunks, which come first). The best hit always stays:
+    a context too small even for it is cut on the left as before."""
+    kept = list(hits)
+    while True:
+        prompt = build_prompt(question, kept)
+        if tok is None or room is None or len(kept) <= 1:
+            return prompt, kept
+        text = chat_text(tok, [{"role": "user", "content": prompt}])
+        if len(tok(text, add_special_tokens=False)["input_ids"]) <= room:
+            return prompt, kept
+        kept.pop()
+
+
+def rag_prompt(
+    retriever: Any,
+    question: str,
+    k: int | None = None,
+    mode: str | None = None,
+    tok: Any = None,
+    room: int | None = None,
+) -> tuple[str, list[Any]]:
+    """The cited-context prompt for `question` and the hits it cites (ask and serve share it),
+    fitted to `room` prompt tokens when given."""
+    return fitted_prompt(question, retriever.search(question, k=k, mode=mode), tok, room)
 
 
 def answer(
@@ -72,7 +96,9 @@ def answer(
     stage, ref, notes = pick_model(cfg, model)  # before the index: fail fast, load nothing
     retriever = Retriever.open(cfg, run_index(cfg))
     mode = mode or cfg.rag.mode
-    prompt, hits = rag_prompt(retriever, question, k=k or cfg.rag.top_k, mode=mode)
     lm, tok = load_model(cfg, ref)
+    room = prompt_room(lm, cfg.generation.max_new_tokens)
+    hits = retriever.search(question, k=k or cfg.rag.top_k, mode=mode)
+    prompt, kept = fitted_prompt(question, hits, tok, room)
     text = generate(lm, tok, [prompt], cfg.generation, seed=cfg.seed)[0]
-    return Answer(text, hits, mode, model_stage=stage, model_key=ref.short, notes=notes)
+    return Answer(text, hits, mode, stage, ref.short, notes, in_prompt=len(kept))

@@ -227,9 +227,9 @@ def rag_prompt_tokens(cfg: RunConfig) -> int:
 
 def check_rag_prompt(cfg: RunConfig, limit: int | None) -> str | None:
     """Warn (and return the line) when top_k chunks, the question and the answer do not fit
-    the model's positions: the prompt is then cut from the left, and the best-ranked chunks,
-    which come first, are what the model loses. A warning, not an error: the answer still
-    runs on what fits, and ask/serve take `k` per request."""
+    the model's positions: the prompt then carries only the best-ranked chunks that fit
+    (`ask.fitted_prompt`). A warning, not an error: the answer still runs on what fits, and
+    ask/serve take `k` per request."""
     need = rag_prompt_tokens(cfg)
     if not limit or need <= limit:
         return None
@@ -238,8 +238,8 @@ def check_rag_prompt(cfg: RunConfig, limit: int | None) -> str | None:
         f"{cfg.rag.top_k} x rag.chunk.size_tokens {cfg.rag.chunk.size_tokens} + about "
         f"{RAG_PROMPT_OVERHEAD + cfg.rag.top_k * RAG_CHUNK_HEADER} for the question, template "
         f"and citations + generation.max_new_tokens {cfg.generation.max_new_tokens}) but the "
-        f"model has {limit} positions ({cfg.model.name_or_path}): the prompt will be cut and "
-        "the best-ranked chunks lost; lower rag.top_k or rag.chunk.size_tokens"
+        f"model has {limit} positions ({cfg.model.name_or_path}): the lowest-ranked chunks "
+        "will be left out of the prompt; lower rag.top_k or rag.chunk.size_tokens"
     )
     logging.getLogger("fasttrack.preflight").warning("warning: %s", line)
     return line

@@ -263,21 +263,22 @@ def create_app(served: Served) -> FastAPI:
         if body.rag and served.retriever is None:
             raise invalid("this server has no RAG index (started with --no-rag)", "rag")
         hits: list[Any] = []
+        explicit = body.max_completion_tokens or body.max_tokens
         if use_rag:
             from fasttrack.lib.ask import rag_prompt
 
             users = [m for m in messages if m["role"] == "user" and m["content"].strip()]
             if not users:
                 raise invalid("RAG mode needs a user message to answer", "messages")
+            room = prompt_room(served.model, budget(body, explicit, 0, keep_end=True))
             prompt, hits = await run_in_threadpool(
-                rag_prompt, served.retriever, users[-1]["content"]
+                rag_prompt, served.retriever, users[-1]["content"], None, None, served.tok, room
             )
             users[-1]["content"] = prompt
         try:
             text = chat_text(served.tok, messages)
         except Exception as exc:  # the template rejects the conversation (jinja raise_exception)
             raise invalid(f"messages: the chat template refused them: {exc}", "messages") from None
-        explicit = body.max_completion_tokens or body.max_tokens
         if use_rag:  # ask's prompt, cut on the left exactly as ask cuts it
             max_new = budget(body, explicit, 0, keep_end=True)
             room = prompt_room(served.model, max_new)

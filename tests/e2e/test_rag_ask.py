@@ -42,6 +42,9 @@ def test_rag_in_the_flow_then_ask_answers_with_sources(tmp_path: Path) -> None:
     assert "sft" in result.stdout  # the newest model of this run answered
     assert title in result.stdout  # and the source that holds the answer is cited
     assert "sources (hybrid)" in result.stdout
+    # the tiny model's 128 positions hold the best chunk only: said, not silently cut
+    assert "of 3 retrieved chunks fit the model's context" in result.stderr
+    assert "no (past the context)" in result.stdout
     # It says why no newer model answered, and never falls back silently (issue #20)
     assert "note: not using dpo: not trained for this config (no dpo_ref " in result.stderr
     store = ArtifactStore(str(tmp_path / "store"))

@@ -330,3 +330,28 @@ def test_users_retrieval_eval_set_is_scored_per_mode(tmp_path: Path) -> None:
     (tmp_path / "eval.csv").write_text("q,doc\nonly a question\n")
     with pytest.raises(DataError, match=r"eval\.csv:2: malformed CSV"):
         build_index(_cfg(tmp_path, documents=str(docs), index="flat", eval=ev))
+
+
+def test_a_prompt_past_the_room_drops_the_lowest_ranked_chunks_not_the_best(tiny_model_dir):
+    """Cutting an over-long RAG prompt on the left (as the model's context forces) lost the
+    best-ranked chunk, which comes first; the fitted prompt leaves out the lowest-ranked."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from fasttrack.lib.ask import build_prompt, fitted_prompt
+    from fasttrack.lib.generate import chat_text
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    hits = [
+        SimpleNamespace(title=f"doc{i}", text=" ".join(["one two three"] * 8)) for i in range(4)
+    ]
+
+    def size(prompt: str) -> int:
+        return len(tok(chat_text(tok, [{"role": "user", "content": prompt}]))["input_ids"])
+
+    room = size(build_prompt("q?", hits[:2])) + 1  # two chunks fit, three do not
+    prompt, kept = fitted_prompt("q?", hits, tok, room)
+    assert kept == hits[:2] and prompt == build_prompt("q?", hits[:2]) and size(prompt) <= room
+    assert fitted_prompt("q?", hits, tok, None) == (build_prompt("q?", hits), hits)
+    assert fitted_prompt("q?", hits, tok, 3)[1] == hits[:1]  # the best one always stays
