@@ -160,13 +160,15 @@ def test_32_concurrent_requests_equal_in_process_greedy_generate(server, client,
 
 def test_rag_chat_matches_ask_and_streams_sources_last(client, trained, local) -> None:
     from fasttrack.lib.ask import rag_prompt, run_index
-    from fasttrack.lib.generate import generate
+    from fasttrack.lib.generate import generate, prompt_room
     from fasttrack.lib.retrieval import Retriever
 
     _, cfg = trained
     model, tok = local
     question = "What does `base64.b64encode` do?"
-    prompt, hits = rag_prompt(Retriever.open(cfg, run_index(cfg)), question)
+    room = prompt_room(model, cfg.generation.max_new_tokens)  # the chunks that fit, as ask
+    retriever = Retriever.open(cfg, run_index(cfg))
+    prompt, hits = rag_prompt(retriever, question, tok=tok, room=room)
     expected = generate(model, tok, [prompt], cfg.generation, seed=cfg.seed)[0]
     messages = [{"role": "user", "content": question}]
     out = client.chat.completions.create(model=MODEL, messages=messages)
