@@ -48,6 +48,22 @@ def stop(proc: subprocess.Popen) -> None:
             continue
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, log: Path, what: str) -> None:
+    """Poll `url` until it answers 200 (the service's log on an early exit; stopped and failed
+    after 180 s)."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop(proc)
+    pytest.fail(f"{what} did not become healthy in 180 s")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[dict[str, str]]:
     home = tmp_path_factory.mktemp("prefect-server")
@@ -65,18 +81,7 @@ def server(tmp_path_factory) -> Iterator[dict[str, str]]:
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
          str(port)], env, home / "server.log",
     )  # fmt: skip
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        stop(proc)
-        pytest.fail("the Prefect server did not become healthy in 180 s")
+    wait_healthy(proc, f"{url}/health", home / "server.log", "the Prefect server")
     yield {**env, "home": str(home), "ui": url.removesuffix("/api")}
     stop(proc)
 

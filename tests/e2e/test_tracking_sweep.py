@@ -8,19 +8,17 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from typer.testing import CliRunner
 
 from fasttrack.core.compute import free_port
 from fasttrack.core.store import ArtifactStore
 from tests.conftest import tiny_config_dict, write_config
-from tests.e2e.test_server import start, stop
+from tests.e2e.test_server import start, stop, wait_healthy
 
 pytest.importorskip("mlflow", reason="needs the track extra (mlflow, tensorboard)")
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
@@ -37,18 +35,7 @@ def mlflow_uri(tmp_path_factory) -> Iterator[str]:
            "--default-artifact-root", str(home / "artifacts"), "--workers", "1"]  # fmt: skip
     proc = start(cmd, dict(os.environ), home / "server.log")
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
-        try:
-            if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        stop(proc)
-        pytest.fail("the MLflow server did not become healthy in 180 s")
+    wait_healthy(proc, f"{uri}/health", home / "server.log", "the MLflow server")
     yield uri
     stop(proc)
 
