@@ -65,7 +65,7 @@ def ask(
     for note in result.notes:
         err.print(f"[yellow]note:[/] not using {escape(note)}", highlight=False, soft_wrap=True)
     text = escape(result.text) if result.text else "[dim](the model produced no text)[/]"
-    console.print(f"[bold]{result.model_stage}[/] ({result.model_key}): {text}")
+    console.print(f"[bold]{result.model_stage}[/] ({result.model_key}): {text}", soft_wrap=True)
     sources = Table(title=f"sources ({result.mode})")
     used = len(result.hits) if result.in_prompt is None else result.in_prompt
     for col in ("#", "title", "section", "score", "in prompt"):

@@ -37,7 +37,7 @@ def report(
     except FastTrackError as exc:
         _fail(exc)
     key, when = manifest["key"][:12], manifest["created_at"]
-    console.print(f"[dim]report {key} of {manifest.get('run')}, {when}: {path}[/]")
+    console.print(f"[dim]report {key} of {manifest.get('run')}, {when}: {path}[/]", soft_wrap=True)
     console.print(Markdown(path.read_text()))
 
 
@@ -86,7 +86,8 @@ def verify(
         where = f" -> quarantined to {f.quarantined_to}" if f.quarantined_to else ""
         err.print(f"[bold red]corrupt:[/] {f.stage}/{f.key}: {escape('; '.join(f.problems))}"
                   f"{escape(where)}", highlight=False, soft_wrap=True)  # fmt: skip
-    console.print(f"verified {checked} artifact(s) in {store}: {len(findings)} corrupt")
+    console.print(f"verified {checked} artifact(s) in {store}: {len(findings)} corrupt",
+                  highlight=False, soft_wrap=True)  # fmt: skip
     if findings:
         raise typer.Exit(1)
 
@@ -115,10 +116,10 @@ def collect_garbage(
                   "it)", highlight=False, soft_wrap=True)  # fmt: skip
     verb = "would remove" if dry_run else "removed"
     for stage, key, size in result.removed:
-        console.print(f"{verb} {stage}/{key} ({_human(size)})")
+        console.print(f"{verb} {stage}/{key} ({_human(size)})", soft_wrap=True)
     for path in result.work_dirs:
-        console.print(f"{verb} work dir {path}")
+        console.print(f"{verb} work dir {path}", highlight=False, soft_wrap=True)
     for busy in result.busy:
-        console.print(f"skipped {busy}: in use (locked)")
+        console.print(f"skipped {busy}: in use (locked)", soft_wrap=True)
     console.print(f"{verb} {len(result.removed)} artifact(s), {_human(result.freed)}; "
-                  f"kept {result.kept} referenced")  # fmt: skip
+                  f"kept {result.kept} referenced", soft_wrap=True)  # fmt: skip

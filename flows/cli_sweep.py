@@ -81,7 +81,7 @@ def sweep(
              f"step(s) executed for {summary.distinct_keys} distinct keys")  # fmt: skip
     show(rich_table(summary.table, title=title))
     if summary.best:
-        console.print(f"best by {summary.metric}: {summary.best}", highlight=False)
+        console.print(f"best by {summary.metric}: {summary.best}", highlight=False, soft_wrap=True)
     if summary.report:
         console.print(f"report: {summary.report}", soft_wrap=True, highlight=False)
 
@@ -111,7 +111,7 @@ def compare(
 
 def _show_diff(rows: list[dict[str, Any]], title: str, same: str) -> None:
     if not rows:
-        console.print(f"{title}: {same}", highlight=False)
+        console.print(f"{title}: {same}", highlight=False, soft_wrap=True)
         return
     shown = [{k: _text(v) for k, v in r.items()} for r in rows]
     show(rich_table(shown, title=title))
