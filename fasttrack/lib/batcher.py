@@ -143,7 +143,32 @@ class _PerRow(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-class Batcher:
+class Admission:
+    """Back-pressure shared by the serving engines: at most `max_pending` requests in flight;
+    one more is refused with Busy (HTTP 429), and a finished request frees its place."""
+
+    def __init__(self, max_pending: int) -> None:
+        self.max_pending = max_pending
+        self._count = 0  # submitted and not finished
+        self._lock = threading.Lock()
+
+    @property
+    def in_flight(self) -> int:
+        return self._count
+
+    def admit(self, req: Request) -> None:
+        with self._lock:
+            if self._count >= self.max_pending:
+                raise Busy(f"server busy: {self._count} requests in flight; retry later")
+            self._count += 1
+        req.future.add_done_callback(self._finished)
+
+    def _finished(self, _: Future) -> None:
+        with self._lock:
+            self._count -= 1
+
+
+class Batcher(Admission):
     """The worker thread that owns `model`; `submit` is safe from any thread."""
 
     def __init__(
@@ -158,7 +183,8 @@ class Batcher:
         # Its own tokenizer: a Rust tokenizer used from two threads while one changes its
         # padding/truncation settings panics ("Already borrowed").
         self.model, self.tok = model, copy.deepcopy(tok)
-        self.max_batch, self.max_pending, self.window_s = max_batch, max_pending, window_s
+        self.max_batch, self.window_s = max_batch, window_s
+        Admission.__init__(self, max_pending)
         # torch's intra-op threads (process-wide). A small model's decode step is too little
         # work to split: on a busy CPU, 2 threads made one batched step ~10x slower than 1.
         self.threads = threads
@@ -166,8 +192,6 @@ class Batcher:
         self.eos = set(stop_ids(tok, model))
         self._queue: queue.Queue[Request | None] = queue.Queue()
         self._pending: list[Request] = []
-        self._count = 0  # submitted and not finished
-        self._lock = threading.Lock()
         self._seeds = itertools.count(1)
         self._thread = threading.Thread(target=self._loop, name="fasttrack-batcher", daemon=True)
         self.batches: deque[int] = deque(maxlen=4096)  # rows of the latest forwards/batches
@@ -184,22 +208,10 @@ class Batcher:
         self._thread.start()
         return self
 
-    @property
-    def in_flight(self) -> int:
-        return self._count
-
     def submit(self, req: Request) -> Future:
-        with self._lock:
-            if self._count >= self.max_pending:
-                raise Busy(f"server busy: {self._count} requests in flight; retry later")
-            self._count += 1
-        req.future.add_done_callback(self._finished)
+        self.admit(req)
         self._queue.put(req)
         return req.future
-
-    def _finished(self, _: Future) -> None:
-        with self._lock:
-            self._count -= 1
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish what was submitted, then end the worker."""

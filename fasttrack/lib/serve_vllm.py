@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fasttrack.core.errors import FastTrackError
-from fasttrack.lib.batcher import Busy, Completion, Request, cut_at_stop
+from fasttrack.lib.batcher import Admission, Completion, Request, cut_at_stop
 from fasttrack.lib.device_info import EngineError, check_vllm  # noqa: F401  (re-exported)
 
 
@@ -44,18 +44,17 @@ def sampling_params(req: Request, stop_ids: list[int]) -> Any:
     )
 
 
-class VllmBatcher:
+class VllmBatcher(Admission):
     """The routes' batcher, backed by vLLM's async engine (CUDA only)."""
 
     def __init__(self, model_dir: Path, tok: Any, max_pending: int = 256, **engine_kwargs: Any):
         from fasttrack.core.templates import stop_ids
 
-        self.model_dir, self.tok, self.max_pending = model_dir, tok, max_pending
+        self.model_dir, self.tok = model_dir, tok
+        Admission.__init__(self, max_pending)
         self.stop_ids = stop_ids(tok)
         self.engine_kwargs = engine_kwargs
         self.batches: deque[int] = deque(maxlen=4096)  # vLLM batches internally; kept empty
-        self._count = 0
-        self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fasttrack-vllm",
                                         daemon=True)  # fmt: skip
@@ -69,22 +68,10 @@ class VllmBatcher:
         self._thread.start()
         return self
 
-    @property
-    def in_flight(self) -> int:
-        return self._count
-
     def submit(self, req: Request) -> Future:
-        with self._lock:
-            if self._count >= self.max_pending:
-                raise Busy(f"server busy: {self._count} requests in flight; retry later")
-            self._count += 1
-        req.future.add_done_callback(self._finished)
+        self.admit(req)
         asyncio.run_coroutine_threadsafe(self._generate(req), self._loop)
         return req.future
-
-    def _finished(self, _: Future) -> None:
-        with self._lock:
-            self._count -= 1
 
     async def _generate(self, req: Request) -> None:
         rid = uuid.uuid4().hex
