@@ -94,13 +94,16 @@ def write_config(path: Path, corpus: Path, store: Path, workers: int | None) -> 
     path.write_text(json.dumps(cfg))
 
 
-def run_stage(config: Path) -> tuple[dict, float, float]:
-    """(child's JSON, peak RSS of one process in MB, peak RSS of the process tree in MB)."""
+def run_stage(config: Path) -> tuple[dict, float, float, float]:
+    """(child's JSON, peak RSS of one process in MB, peak RSS of the process tree in MB,
+    CPU seconds of the process tree: the forkserver workers are not waited-for children, so
+    their CPU time is sampled with psutil, as their RSS is)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(config)], stdout=subprocess.PIPE, env=env, cwd=ROOT
     )
     peak_tree, done = 0.0, threading.Event()
+    cpu: dict[int, float] = {}
 
     def sample() -> None:
         nonlocal peak_tree
@@ -109,6 +112,9 @@ def run_stage(config: Path) -> tuple[dict, float, float]:
             try:
                 procs = [root, *root.children(recursive=True)]
                 peak_tree = max(peak_tree, sum(p.memory_info().rss for p in procs) / 1e6)
+                for p in procs[1:]:
+                    t = p.cpu_times()
+                    cpu[p.pid] = max(cpu.get(p.pid, 0.0), t.user + t.system)
             except psutil.Error:
                 pass
             time.sleep(0.1)
@@ -124,6 +130,7 @@ def run_stage(config: Path) -> tuple[dict, float, float]:
     child = json.loads(out.decode().strip().splitlines()[-1])
     child["cpu_seconds"] = use.ru_utime + use.ru_stime - CPU_BEFORE[0]
     CPU_BEFORE[0] = use.ru_utime + use.ru_stime
+    child["cpu_seconds_tree"] = child["cpu_seconds"] + sum(cpu.values())
     return child, use.ru_maxrss / 1e3, peak_tree  # ru_maxrss: KiB on Linux
 
 
@@ -161,6 +168,8 @@ def measure(megabytes: float, workers: int | None) -> dict:
         "mb_per_s": round(size_mb / child["seconds"], 2),
         "cpu_seconds": round(child["cpu_seconds"], 1),
         "mb_per_cpu_s": round(size_mb / child["cpu_seconds"], 2),
+        "cpu_seconds_tree": round(child["cpu_seconds_tree"], 1),
+        "mb_per_cpu_s_tree": round(size_mb / child["cpu_seconds_tree"], 2),
         "rss_mb_after_imports": round(child["rss_after_imports"]),
         "peak_rss_mb_one_process": round(peak_one),
         "peak_rss_mb_process_tree": round(peak_tree),

@@ -20,9 +20,16 @@ from typing import Any
 
 from fasttrack.core.config import RunConfig
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
-from fasttrack.lib.dataprep import SCHEMAS, SPLITS, default_workers, prepare, text_of
+from fasttrack.lib.dataprep import (
+    SCHEMAS,
+    SPLITS,
+    default_workers,
+    prepare,
+    source_work,
+    text_of,
+)
 from fasttrack.lib.hub import hf_token
-from fasttrack.lib.sources import KIND_OF_FORMAT, content_hash, input_bytes, iter_source
+from fasttrack.lib.sources import KIND_OF_FORMAT, content_hash, input_bytes
 
 # 3: streamed; MinHash of crc32-hashed word shingles with vectorised permutations (near-dup
 # decisions may differ from v2's datasketch hashes on borderline pairs).
@@ -41,7 +48,7 @@ def build_data(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     """Load, clean, deduplicate and split every source, streaming."""
     data, token = cfg.data, hf_token(cfg)
     sources = (
-        (KIND_OF_FORMAT[src.format], iter_source(src, data.encoding, data.max_record_chars, token))
+        (KIND_OF_FORMAT[src.format], source_work(src, data.encoding, data.max_record_chars, token))
         for src in data.sources
     )
     workers = data.workers or default_workers(sum(input_bytes(s) for s in data.sources))

@@ -3,8 +3,9 @@
 Per batch (in a worker process when `workers > 1`): normalise, length and kind filters, the
 exact-dedup digest, the split rank and the MinHash signature of every surviving row
 (`process_batch`, a pure function of the rows: it is what runs on Dask workers too). In the
-main process, in input order: exact dedup (a set of 16-byte digests, never the texts), greedy
-near dedup (`minhash.LshIndex`), and an append to a spool parquet file. At the end the split is
+main process, in input order: exact dedup (16-byte digests in sorted arrays, never the texts),
+greedy near dedup (`minhash.LshIndex`, signatures spilled to disk), and an append to a spool
+parquet file: ~0.15 KB of memory per kept row in all. At the end the split is
 decided from the ranks alone (8 bytes per kept row) exactly as `cleaning.split_records` does it,
 and the spool is streamed into `<kind>/<split>.parquet`. Nothing depends on the batch size or
 the worker count: results are a function of the rows and their order only.
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from fasttrack.core.config import CleanConfig, DataConfig
+from fasttrack.core.config import CleanConfig, DataConfig, SourceConfig
 from fasttrack.core.errors import DataError
 from fasttrack.lib.cleaning import (
     CleanStats,
@@ -36,8 +37,10 @@ from fasttrack.lib.cleaning import (
     split_digest,
     split_sizes,
 )
+from fasttrack.lib.jsonl_blocks import JsonlBlock, blocks_apply, jsonl_blocks
 from fasttrack.lib.minhash import LshIndex, band_keys, signatures
-from fasttrack.lib.sources import row_chars
+from fasttrack.lib.sources import iter_source, row_chars
+from fasttrack.lib.spill import DigestSet
 
 SPLITS = ("train", "validation", "test")
 BATCH_CHARS = 4_000_000  # a batch closes at this many characters or BATCH_ROWS rows
@@ -56,6 +59,7 @@ SCHEMAS = {
     ),
 }
 Row = dict[str, Any]
+Work = list[Row] | JsonlBlock  # what one process_batch call cleans
 
 
 def text_of(kind: str) -> Callable[[Row], str]:
@@ -114,8 +118,9 @@ class Batch:
     keys: np.ndarray | None = None
 
 
-def process_batch(kind: str, rows: list[Row], opt: Options) -> Batch:
+def process_batch(kind: str, work: Work, opt: Options) -> Batch:
     """The per-row part of cleaning; order-preserving and independent of other batches."""
+    rows = work.rows() if isinstance(work, JsonlBlock) else work
     clean, get = opt.clean, text_of(kind)
     stats, loaded = CleanStats(), len(rows)
     rows = [normalize_row(r, clean) for r in rows]
@@ -167,6 +172,15 @@ def batches(rows: Iterable[Row], size_of: Callable[[Row], int]) -> Iterator[list
         yield batch
 
 
+def source_work(
+    src: SourceConfig, encoding: str, max_chars: int | None, token: str | None
+) -> Iterator[Work]:
+    """A source's work items: raw blocks of JSONL (parsed by the workers), else row batches."""
+    if blocks_apply(src, encoding):
+        return jsonl_blocks(src, encoding, max_chars)
+    return batches(iter_source(src, encoding, max_chars, token), row_chars)
+
+
 def ordered_map(
     fn: Callable[..., Batch], items: Iterable[tuple], executor: Executor | None, window: int
 ) -> Iterator[Batch]:
@@ -177,10 +191,15 @@ def ordered_map(
             yield fn(*item)
         return
     pending: deque[Future] = deque()
-    for item in items:
-        pending.append(executor.submit(fn, *item))
-        if len(pending) >= window:
+    try:
+        for item in items:
+            pending.append(executor.submit(fn, *item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+    except DataError:  # an error of a later item: earlier items' own errors come first
+        while pending:
             yield pending.popleft().result()
+        raise
     while pending:
         yield pending.popleft().result()
 
@@ -193,7 +212,7 @@ class KindState:
     opt: Options
     spool: Path
     stats: CleanStats = field(default_factory=CleanStats)
-    seen: set[bytes] = field(default_factory=set)
+    seen: DigestSet = field(default_factory=DigestSet)
     ranks: list[np.ndarray] = field(default_factory=list)
     lsh: LshIndex | None = None
     writer: pq.ParquetWriter | None = None
@@ -205,16 +224,13 @@ class KindState:
         keep = np.ones(batch.table.num_rows, bool)
         if self.opt.clean.exact_dedup:
             for i, digest in enumerate(batch.exact):
-                if digest in self.seen:
-                    keep[i] = False
-                else:
-                    self.seen.add(digest)
+                keep[i] = self.seen.add_new(digest)
             self.stats.drop("exact_duplicate", int((~keep).sum()))
         if self.opt.clean.near_dedup and batch.sigs is not None:
             if self.lsh is None:
                 c = self.opt.clean
                 self.lsh = LshIndex(c.num_perm, self.opt.bands, self.opt.rows,
-                                    c.near_dedup_threshold)  # fmt: skip
+                                    c.near_dedup_threshold, self.spool.parent)  # fmt: skip
             sub = np.nonzero(keep)[0]
             near = self.lsh.filter(batch.sigs[sub], batch.keys[sub])
             keep[sub[~near]] = False
@@ -228,6 +244,8 @@ class KindState:
         """Split the kept rows (rank order, as `split_records`) into `<folder>/<split>.parquet`."""
         assert self.writer is not None
         self.writer.close()
+        if self.lsh is not None:
+            self.lsh.close()
         rank = np.concatenate(self.ranks) if self.ranks else np.empty(0, np.uint64)
         n = len(rank)
         self.stats.kept = n
@@ -259,24 +277,25 @@ def default_workers(total_bytes: int) -> int:
 
 
 def prepare(
-    sources: Iterable[tuple[str, Iterable[Row]]],
+    sources: Iterable[tuple[str, Iterable[Work]]],
     data: DataConfig,
     out: Path,
     executor: Executor | None = None,
     window: int = 4,
 ) -> dict[str, tuple[CleanStats, dict[str, int]]]:
-    """Clean, deduplicate and split (kind, rows) sources into `out/<kind>/<split>.parquet`.
+    """Clean, deduplicate and split (kind, work items) sources (see `source_work`) into
+    `out/<kind>/<split>.parquet`.
     Returns (stats, rows per split) per kind; raises DataError for a kind left empty."""
     opt = Options.of(data)
     states: dict[str, KindState] = {}
 
-    def items() -> Iterator[tuple[str, list[Row], Options]]:
-        for kind, rows in sources:
+    def items() -> Iterator[tuple[str, Work, Options]]:
+        for kind, work in sources:
             if kind not in states:
                 (out / kind).mkdir()
                 states[kind] = KindState(kind, opt, out / kind / "_spool.parquet")
-            for batch in batches(rows, row_chars):
-                yield kind, batch, opt
+            for item in work:
+                yield kind, item, opt
 
     for batch in ordered_map(process_batch, items(), executor, window):
         states[batch.kind].add(batch)

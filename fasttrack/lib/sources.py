@@ -159,17 +159,19 @@ def _read_jsonl(path: Path, encoding: str, max_chars: int | None) -> Iterator[tu
             where = f"{path}:{lineno}"
             if max_chars and len(line) > max_chars:
                 raise DataError(too_long(where, max_chars))
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{where}: invalid JSON ({exc.msg} at column {exc.colno})"
-                ) from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            yield where, row
+            if line.strip():
+                yield where, parse_json_line(line, where)
+
+
+def parse_json_line(line: str, where: str) -> Row:
+    """One JSONL record (a JSON object), or a DataError naming `where` (file:line)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
 
 
 def _read_json(path: Path, encoding: str) -> Iterator[tuple[str, Row]]:
@@ -251,32 +253,44 @@ def iter_source(
 ) -> Iterator[Row]:
     """Canonical rows of one source, one at a time (memory does not grow with the source);
     raises DataError naming the culprit's file:line."""
-    fields = FORMAT_FIELDS[src.format]
-    column = {name: src.columns.get(name, name) for name in (*fields, *META_FIELDS)}
-    convert = _CONVERTERS[src.format]
+    to_row = RowConverter(src, max_chars)
     n = 0
     for where, raw in read_rows(src, encoding, max_chars, token):
-        for name, required in fields.items():
-            if required and column[name] not in raw:
-                mapped = f" (mapped from field {name})" if column[name] != name else ""
-                have = ", ".join(map(str, raw)) or "none"
-                raise DataError(
-                    f"{where}: missing column {column[name]!r}{mapped} for format "
-                    f"{src.format}; columns are: {have}"
-                )
-        get = {name: raw.get(column[name]) for name in (*fields, *META_FIELDS)}
-        row = convert(get, where)
-        if max_chars and row_chars(row) > max_chars:
-            raise DataError(too_long(where, max_chars))
-        for meta in META_FIELDS:
-            if get[meta] not in (None, ""):
-                row[meta] = str(get[meta])
-        yield row
+        yield to_row(raw, where)
         n += 1
         if src.max_rows and n >= src.max_rows:
             break
     if not n:
         raise DataError(f"{src.path}: no rows")
+
+
+class RowConverter:
+    """A raw row (dict of the file's columns) -> the canonical row of the source's format."""
+
+    def __init__(self, src: SourceConfig, max_chars: int | None) -> None:
+        self.format, self.max_chars = src.format, max_chars
+        self.fields = FORMAT_FIELDS[src.format]
+        self.column = {n: src.columns.get(n, n) for n in (*self.fields, *META_FIELDS)}
+        self.convert = _CONVERTERS[src.format]
+
+    def __call__(self, raw: Row, where: str) -> Row:
+        column = self.column
+        for name, required in self.fields.items():
+            if required and column[name] not in raw:
+                mapped = f" (mapped from field {name})" if column[name] != name else ""
+                have = ", ".join(map(str, raw)) or "none"
+                raise DataError(
+                    f"{where}: missing column {column[name]!r}{mapped} for format "
+                    f"{self.format}; columns are: {have}"
+                )
+        get = {name: raw.get(column[name]) for name in (*self.fields, *META_FIELDS)}
+        row = self.convert(get, where)
+        if self.max_chars and row_chars(row) > self.max_chars:
+            raise DataError(too_long(where, self.max_chars))
+        for meta in META_FIELDS:
+            if get[meta] not in (None, ""):
+                row[meta] = str(get[meta])
+        return row
 
 
 def load_source(

@@ -237,3 +237,14 @@ def test_split_edge_sizes(n: int, val: float, test: float, sizes: tuple[int, int
 def test_split_validates_fractions(val: float, test: float) -> None:
     with pytest.raises(ValueError):
         split_records(recs("a"), text_of, validation=val, test=test, seed=0)
+
+
+def test_plain_ascii_fast_path_equals_the_general_normalisation() -> None:
+    """normalize_text skips the regexes for printable ASCII + newlines; a trailing NUL (removed
+    first by the general path) forces the general path on the same text."""
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice("ab .\n  \n\n") for _ in range(rng.randint(0, 30)))
+        for collapse in (True, False):
+            fast = normalize_text(text, collapse_whitespace=collapse)
+            assert fast == normalize_text(text + "\x00", collapse_whitespace=collapse), text

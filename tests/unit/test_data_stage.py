@@ -8,7 +8,7 @@ import pytest
 from fasttrack.core.config_loader import load_config
 from fasttrack.core.errors import DataError
 from fasttrack.core.store import ArtifactStore
-from fasttrack.lib import dataprep
+from fasttrack.lib import dataprep, jsonl_blocks
 from fasttrack.lib.datasets import read_split
 from tasks.data import data_spec, prepare_data
 from tests.conftest import tiny_config_dict, write_config
@@ -187,6 +187,7 @@ def test_output_and_key_do_not_depend_on_batches_or_workers(
     many = load_config(write_config(tmp_path / "b.yaml", many))
     ref_one = prepare_data(one)
     monkeypatch.setattr(dataprep, "BATCH_ROWS", 7)  # many batches, several in flight at once
+    monkeypatch.setattr(jsonl_blocks, "BLOCK_BYTES", 500)  # (JSONL sources: blocks of lines)
     ref_many = prepare_data(many)
     assert ref_one.key == ref_many.key
     assert _digests(ref_one.uri) == _digests(ref_many.uri)
@@ -208,6 +209,7 @@ def test_bad_line_after_many_batches_fails_with_file_line_and_publishes_nothing(
     d["data"]["workers"] = 2
     cfg = load_config(write_config(tmp_path / "c.yaml", d))
     monkeypatch.setattr(dataprep, "BATCH_ROWS", 5)
+    monkeypatch.setattr(jsonl_blocks, "BLOCK_BYTES", 300)
     with pytest.raises(DataError, match=rf"{path}:41: invalid JSON"):
         prepare_data(cfg)
     store = ArtifactStore(cfg.store)
