@@ -25,6 +25,7 @@ import os
 import platform
 import random
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -121,7 +122,11 @@ def run_stage(config: Path) -> tuple[dict, float, float, float]:
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    out, _ = proc.communicate()
+    try:
+        out, _ = proc.communicate()
+    finally:  # interrupted (SIGTERM from `timeout`): no orphaned stage, no corpus left in /tmp
+        if proc.poll() is None:
+            proc.kill()
     done.set()
     thread.join()
     if proc.returncode:
@@ -192,18 +197,30 @@ def main() -> None:
     parser.add_argument("--label", default="current")
     parser.add_argument("--workers", type=int, default=None, help="data.workers (new code only)")
     args = parser.parse_args()
-    runs = []
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up the corpus on timeout
+    runs: list[dict] = []
     for mb in args.sizes:
         run = measure(mb, args.workers)
         print(json.dumps(run), flush=True)
         runs.append(run)
+        save(args.label, runs)  # after every size: a long run cut short keeps what finished
+
+
+def save(label: str, runs: list[dict]) -> None:
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results[args.label] = {
+    results[label] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared with other jobs "
         "(see load averages)",
         "python": platform.python_version(),
         "runs": runs,
     }
+    if len(runs) > 1:  # linearity: time per MB of the largest run / of the smallest
+        small, big = runs[0], runs[-1]
+        per_mb = [r["seconds"] / r["corpus_mb"] for r in (small, big)]
+        results[label]["seconds_per_mb_ratio_largest_to_smallest"] = round(per_mb[1] / per_mb[0], 2)
+        rows = big["docs"] - small["docs"]
+        slope = (big["peak_rss_mb_process_tree"] - small["peak_rss_mb_process_tree"]) * 1e6 / rows
+        results[label]["peak_rss_bytes_per_extra_row_process_tree"] = round(slope)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 
 

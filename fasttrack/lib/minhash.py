@@ -60,8 +60,13 @@ def shingle_hashes(texts: list[str], size: int) -> tuple[np.ndarray, np.ndarray]
     pos = first + np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
     width = np.repeat(k, count)
     acc = np.zeros(len(pos), np.uint64)
+    full = bool((k == size).all())  # no short text: every gram has `size` words, no masks
     with np.errstate(over="ignore"):
         for j in range(size):
+            if full:
+                acc *= _P
+                acc += wh[pos + j]
+                continue
             live = width > j  # grams of `width` words take words pos .. pos+width-1
             acc[live] = acc[live] * _P + wh[pos[live] + j]
         out = _mix(acc) >> np.uint64(32)
