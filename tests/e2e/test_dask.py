@@ -43,11 +43,12 @@ def test_three_evaluations_run_in_parallel_on_dask(tmp_path, prefect_harness):
 
 
 def test_data_stage_on_a_dask_cluster_equals_the_local_run(tmp_path, monkeypatch):
-    """The data stage's per-row work on a 2-worker LocalCluster, batches of 7 rows: the same
-    key and byte-identical rows, drops and splits as the in-process run."""
+    """The data stage's per-row work on a 2-worker LocalCluster, batches of 7 rows (JSONL:
+    500-byte blocks of lines, parsed on the workers): the same key and byte-identical rows,
+    drops and splits as the in-process run."""
     pytest.importorskip("distributed")
     from fasttrack.core.config_loader import load_config
-    from fasttrack.lib import dataprep
+    from fasttrack.lib import dataprep, jsonl_blocks
     from tasks.data import prepare_data
     from tests.unit.test_data_stage import _digests
 
@@ -57,6 +58,7 @@ def test_data_stage_on_a_dask_cluster_equals_the_local_run(tmp_path, monkeypatch
     on_dask = load_config(write_config(tmp_path / "b.yaml", d))
     ref_local = prepare_data(local)
     monkeypatch.setattr(dataprep, "BATCH_ROWS", 7)
+    monkeypatch.setattr(jsonl_blocks, "BLOCK_BYTES", 500)
     ref_dask = prepare_data(on_dask)
     assert ref_dask.key == ref_local.key
     assert _digests(ref_dask.uri) == _digests(ref_local.uri)
