@@ -6,7 +6,8 @@ rows) that is the whole time and memory budget. Here words are hashed once (crc3
 are rolled in numpy, and the permutations (multiply-shift, 2-universal) run vectorised over a
 whole batch. Buckets of older rows live in sorted numpy arrays (12 bytes per row and band), and
 the signatures kept to verify candidates are spilled to an unlinked temporary file
-(`spill.SignatureSpill`), so the index costs ~0.1 KB of memory per kept row (9 bands).
+(`spill.SignatureSpill`), so the index costs ~0.2 KB of memory per kept row (16 bands at
+the default threshold 0.85).
 The semantics are those of `cleaning.near_dedup`: greedy in input order, a row is dropped when
 the estimated Jaccard with an earlier *kept* row is >= threshold.
 """
