@@ -174,10 +174,14 @@ class LshIndex:
         for band, bucket in enumerate(self.recent):
             pairs = [(k, v) for k, hit in bucket.items() for v in (hit if isinstance(hit, list)
                                                                    else (hit,))]  # fmt: skip
-            keys = np.concatenate([self.keys[band], np.fromiter((k for k, _ in pairs), np.uint64)])
-            ids = np.concatenate([self.ids[band], np.fromiter((v for _, v in pairs), np.uint32)])
+            keys = np.fromiter((k for k, _ in pairs), np.uint64, count=len(pairs))
+            ids = np.fromiter((v for _, v in pairs), np.uint32, count=len(pairs))
             order = np.argsort(keys, kind="stable")
-            self.keys[band], self.ids[band] = keys[order], ids[order]
+            keys, ids = keys[order], ids[order]
+            # a linear merge (insert the sorted new pairs), not a re-sort of the whole index
+            at = np.searchsorted(self.keys[band], keys, "right")
+            self.keys[band] = np.insert(self.keys[band], at, keys)
+            self.ids[band] = np.insert(self.ids[band], at, ids)
         self.recent = [{} for _ in range(self.bands)]
         self.recent_rows = 0
 

@@ -85,7 +85,8 @@ class DigestSet:
         self.recent.add(digest)
         if len(self.recent) >= self.limit:
             fresh = np.array(sorted(self.recent), self.dtype)
-            self.sorted = np.sort(np.concatenate([self.sorted, fresh]), kind="stable")
+            # a linear merge, not a re-sort: n / recent merges cost O(n^2 / recent) copying
+            self.sorted = np.insert(self.sorted, np.searchsorted(self.sorted, fresh), fresh)
             self.recent = set()
         return True
 
