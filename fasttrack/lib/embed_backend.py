@@ -16,6 +16,7 @@ ask and serve processes sharing a store run the same bytes.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +29,7 @@ BACKENDS: tuple[str, ...] = ("torch", "onnx", "onnx-int8")
 EXPORT_STAGE = "embedder-onnx"
 EXPORT_VERSION = "1"  # bump when the export or quantization recipe changes
 OPSET = 17
+BUCKET_TOKENS = 16  # length buckets of the fp32 backend: little padding, few batches
 
 
 def onnx_file(backend: str) -> str:
@@ -121,15 +123,30 @@ def _session(path: Path) -> Any:
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one chain of ops: no inter-op pool
+    cores = (
+        os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    )
+    opts.intra_op_num_threads = len(cores)  # the cores this process may use (taskset, cgroup)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _ort_module(session: Any, config: Any, per_row: bool) -> Any:
+def bucket_length(n_tokens: int) -> int:
+    """The padded length a text of `n_tokens` runs at: a function of the text alone."""
+    return -(-n_tokens // BUCKET_TOKENS) * BUCKET_TOKENS
+
+
+def _ort_module(session: Any, config: Any, per_row: bool, max_len: int) -> Any:
     """A torch module standing in for the transformer: same inputs, same `last_hidden_state`.
-    `per_row` (int8): each text runs alone, without its padding. Dynamic quantization scales
-    activations by the min/max of the whole input tensor, so in a batch a text's vector would
-    depend on its neighbours (cosine 0.996 between two batchings): the index would differ with
-    the order of the corpus, and reused vectors from a full rebuild's."""
+
+    Batch independence: a text's vector must not depend on the texts batched with it (an index
+    must be reproducible, and an incremental re-index equal to a full rebuild). fp32 runs
+    length-bucketed: each text is padded to `bucket_length` of its own token count (at most
+    `max_len`) and runs only with texts of its bucket, so its input (ids, mask, padded width)
+    is always the same and every op computes its row from that row alone: bit-identical
+    vectors in any batch (tests/unit/test_rag_backend.py). `per_row` (dynamic int8): each text
+    runs alone, unpadded, since dynamic quantization scales activations by the min/max of the
+    whole input tensor, batch-mates included (cosine 0.996 between two batchings of a text)."""
     import numpy as np
     import torch
 
@@ -147,15 +164,23 @@ def _ort_module(session: Any, config: Any, per_row: bool) -> Any:
                 .cpu().numpy().astype("int64")
                 for n in self.inputs
             }  # fmt: skip
-            if not per_row:
-                (hidden,) = self.session.run(["last_hidden_state"], feeds)
-                return {"last_hidden_state": torch.from_numpy(hidden)}
             mask = feeds.get("attention_mask", np.ones_like(feeds["input_ids"]))
+            lens = mask.sum(1)
             hidden = np.zeros((*mask.shape, self.config.hidden_size), dtype=np.float32)
-            for i, row in enumerate(mask):
-                keep = np.flatnonzero(row)
-                alone = {n: v[i : i + 1, keep] for n, v in feeds.items()}
-                hidden[i, keep] = self.session.run(["last_hidden_state"], alone)[0][0]
+            if per_row:
+                groups = [(np.array([i]), int(n)) for i, n in enumerate(lens)]
+            else:
+                width = np.array([min(bucket_length(int(n)), max_len) for n in lens])
+                groups = [(np.flatnonzero(width == w), int(w)) for w in np.unique(width)]
+            for rows, w in groups:
+                part = {n: np.zeros((len(rows), w), dtype=np.int64) for n in feeds}
+                where = [np.flatnonzero(mask[r]) for r in rows]  # the text's own tokens
+                for k, r in enumerate(rows):  # right-padded with 0 (masked: no effect)
+                    for n, v in feeds.items():
+                        part[n][k, : lens[r]] = v[r, where[k]]
+                out = self.session.run(["last_hidden_state"], part)[0]
+                for k, r in enumerate(rows):
+                    hidden[r, where[k]] = out[k, : lens[r]]
             return {"last_hidden_state": torch.from_numpy(hidden)}
 
     return OrtTransformer()
@@ -170,5 +195,7 @@ def on_backend(st: Any, backend: str, store: ArtifactStore, fingerprint: str) ->
         session = _session(path)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ModelError(f"rag.embedder_backend: cannot load {path}: {exc}") from None
-    st[0].model = _ort_module(session, st[0].model.config, per_row=backend == "onnx-int8")
+    st[0].model = _ort_module(
+        session, st[0].model.config, per_row=backend == "onnx-int8", max_len=st.max_seq_length
+    )
     return st
