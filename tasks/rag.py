@@ -45,7 +45,7 @@ from fasttrack.lib.retrieval import (
     resolve_embedder,
 )
 
-STAGE = Stage("rag", "3")  # 2: ranks.json (per-question ranks); 3: onnx fp32 length-bucketed
+STAGE = Stage("rag", "2")  # 2: ranks.json (per-question ranks: recall@k intervals)
 DOC_SUFFIXES = (".txt", ".md")
 EVAL_SPLITS = ("validation", "test")
 # Query-time knobs: they change no file of the artifact, so they are not part of its key.

@@ -29,7 +29,6 @@ BACKENDS: tuple[str, ...] = ("torch", "onnx", "onnx-int8")
 EXPORT_STAGE = "embedder-onnx"
 EXPORT_VERSION = "1"  # bump when the export or quantization recipe changes
 OPSET = 17
-BUCKET_TOKENS = 16  # length buckets of the fp32 backend: little padding, few batches
 
 
 def onnx_file(backend: str) -> str:
@@ -131,22 +130,15 @@ def _session(path: Path) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def bucket_length(n_tokens: int) -> int:
-    """The padded length a text of `n_tokens` runs at: a function of the text alone."""
-    return -(-n_tokens // BUCKET_TOKENS) * BUCKET_TOKENS
-
-
-def _ort_module(session: Any, config: Any, per_row: bool, max_len: int) -> Any:
+def _ort_module(session: Any, config: Any, per_row: bool) -> Any:
     """A torch module standing in for the transformer: same inputs, same `last_hidden_state`.
-
-    Batch independence: a text's vector must not depend on the texts batched with it (an index
-    must be reproducible, and an incremental re-index equal to a full rebuild). fp32 runs
-    length-bucketed: each text is padded to `bucket_length` of its own token count (at most
-    `max_len`) and runs only with texts of its bucket, so its input (ids, mask, padded width)
-    is always the same and every op computes its row from that row alone: bit-identical
-    vectors in any batch (tests/unit/test_rag_backend.py). `per_row` (dynamic int8): each text
-    runs alone, unpadded, since dynamic quantization scales activations by the min/max of the
-    whole input tensor, batch-mates included (cosine 0.996 between two batchings of a text)."""
+    A text's vector must not depend on its batch-mates (an index must be reproducible, and an
+    incremental re-index equal to a full rebuild): fp32 runs batched, padded to the longest
+    text of the batch, and is bit-identical to the text run alone (masked keys get exactly 0
+    attention weight; every other op computes a row from that row alone; pinned by
+    tests/unit/test_rag_backend.py). `per_row` (int8): each text runs alone, without its
+    padding: dynamic quantization scales activations by the min/max of the whole input tensor,
+    batch-mates included (cosine 0.996 between two batchings of a text)."""
     import numpy as np
     import torch
 
@@ -164,23 +156,15 @@ def _ort_module(session: Any, config: Any, per_row: bool, max_len: int) -> Any:
                 .cpu().numpy().astype("int64")
                 for n in self.inputs
             }  # fmt: skip
+            if not per_row:
+                (hidden,) = self.session.run(["last_hidden_state"], feeds)
+                return {"last_hidden_state": torch.from_numpy(hidden)}
             mask = feeds.get("attention_mask", np.ones_like(feeds["input_ids"]))
-            lens = mask.sum(1)
             hidden = np.zeros((*mask.shape, self.config.hidden_size), dtype=np.float32)
-            if per_row:
-                groups = [(np.array([i]), int(n)) for i, n in enumerate(lens)]
-            else:
-                width = np.array([min(bucket_length(int(n)), max_len) for n in lens])
-                groups = [(np.flatnonzero(width == w), int(w)) for w in np.unique(width)]
-            for rows, w in groups:
-                part = {n: np.zeros((len(rows), w), dtype=np.int64) for n in feeds}
-                where = [np.flatnonzero(mask[r]) for r in rows]  # the text's own tokens
-                for k, r in enumerate(rows):  # right-padded with 0 (masked: no effect)
-                    for n, v in feeds.items():
-                        part[n][k, : lens[r]] = v[r, where[k]]
-                out = self.session.run(["last_hidden_state"], part)[0]
-                for k, r in enumerate(rows):
-                    hidden[r, where[k]] = out[k, : lens[r]]
+            for i, row in enumerate(mask):
+                keep = np.flatnonzero(row)
+                alone = {n: v[i : i + 1, keep] for n, v in feeds.items()}
+                hidden[i, keep] = self.session.run(["last_hidden_state"], alone)[0][0]
             return {"last_hidden_state": torch.from_numpy(hidden)}
 
     return OrtTransformer()
@@ -195,7 +179,5 @@ def on_backend(st: Any, backend: str, store: ArtifactStore, fingerprint: str) ->
         session = _session(path)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ModelError(f"rag.embedder_backend: cannot load {path}: {exc}") from None
-    st[0].model = _ort_module(
-        session, st[0].model.config, per_row=backend == "onnx-int8", max_len=st.max_seq_length
-    )
+    st[0].model = _ort_module(session, st[0].model.config, per_row=backend == "onnx-int8")
     return st
