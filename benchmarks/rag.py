@@ -118,7 +118,8 @@ def embed_throughput(n_chunks: int, backends: list[str], repeats: int) -> dict:
             "load_s": round(load_s, 2),
             "embed_s": [round(t, 2) for t in times],
             "chunks_per_s": round(len(passages) / best, 1),
-            "cpu_s": [round(t, 2) for t in cpu],  # all threads: robust to other jobs' load
+            # all threads, spin-waits included (ORT, OpenMP): robust to other jobs' load
+            "cpu_s": [round(t, 2) for t in cpu],
             "chunks_per_cpu_s": round(len(passages) / min(cpu), 1),
             "tokens_per_s": round(sum(tokens) / best),
             "doc_recall@10": doc_recall(v, q, chunks, questions),
@@ -244,11 +245,11 @@ def main() -> None:
     }
     result["machine"]["loadavg_1_5_15_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result["embed"], indent=2), flush=True)
-    if args.embed_only and args.out.is_file():
-        result["index"] = json.loads(args.out.read_text()).get("index", [])
+    result["index"] = []
+    if args.embed_only:  # the index part is not run: keep what the file holds
+        if args.out.is_file():
+            result["index"] = json.loads(args.out.read_text()).get("index", [])
         args.sizes = []
-    else:
-        result["index"] = []
     for uniform in (False, True) if args.uniform else (False,):
         for n in args.sizes:
             res = index_bench(n, args.queries, uniform)
