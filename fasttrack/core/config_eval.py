@@ -43,10 +43,11 @@ class RagConfig(Section):
         "id, or a local model dir.",
     )
     embedder_backend: Literal["torch", "onnx", "onnx-int8"] = Field(
-        "onnx-int8",
-        description="How the embedder runs: `torch` (stock fp32), `onnx` (ONNX Runtime fp32) or "
-        "`onnx-int8` (ONNX Runtime, int8 dynamic quantization: fastest on CPU). The ONNX "
-        "export is made once and kept in the store.",
+        "onnx",
+        description="How the embedder runs: `torch` (stock fp32), `onnx` (ONNX Runtime fp32, "
+        "batched: the fastest that keeps recall@10 vs exact fp32 at 1.0) or `onnx-int8` (ONNX "
+        "Runtime, int8 dynamic quantization; one text per call, and top-10 overlap with fp32 "
+        "0.92-0.94 on the demo). The ONNX export is made once and kept in the store.",
     )
     documents: str | None = Field(None, description="A folder of documents instead of the corpus.")
     on_decode_error: Literal["error", "skip"] = "error"

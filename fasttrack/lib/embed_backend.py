@@ -16,6 +16,7 @@ ask and serve processes sharing a store run the same bytes.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -121,15 +122,23 @@ def _session(path: Path) -> Any:
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one chain of ops: no inter-op pool
+    cores = (
+        os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    )
+    opts.intra_op_num_threads = len(cores)  # the cores this process may use (taskset, cgroup)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def _ort_module(session: Any, config: Any, per_row: bool) -> Any:
     """A torch module standing in for the transformer: same inputs, same `last_hidden_state`.
-    `per_row` (int8): each text runs alone, without its padding. Dynamic quantization scales
-    activations by the min/max of the whole input tensor, so in a batch a text's vector would
-    depend on its neighbours (cosine 0.996 between two batchings): the index would differ with
-    the order of the corpus, and reused vectors from a full rebuild's."""
+    A text's vector must not depend on its batch-mates (an index must be reproducible, and an
+    incremental re-index equal to a full rebuild): fp32 runs batched, padded to the longest
+    text of the batch, and is bit-identical to the text run alone (masked keys get exactly 0
+    attention weight; every other op computes a row from that row alone; pinned by
+    tests/unit/test_rag_backend.py). `per_row` (int8): each text runs alone, without its
+    padding: dynamic quantization scales activations by the min/max of the whole input tensor,
+    batch-mates included (cosine 0.996 between two batchings of a text)."""
     import numpy as np
     import torch
 

