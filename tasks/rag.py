@@ -23,9 +23,10 @@ import numpy as np
 from fasttrack.core import faultpoint
 from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import DataError, ModelError
+from fasttrack.core.files import input_digest
 from fasttrack.core.log import get_logger
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
-from fasttrack.core.store import ArtifactRef, ArtifactStore, canonical_json, sha256_file
+from fasttrack.core.store import ArtifactRef, ArtifactStore, canonical_json
 from fasttrack.lib.datasets import SPLITS, read_split
 from fasttrack.lib.evalstats import RANKS_FILE
 from fasttrack.lib.rag_eval import eval_set_hash, load_eval_set
@@ -61,7 +62,7 @@ def document_files(folder: Path) -> list[Path]:
 def documents_hash(folder: Path) -> str:
     h = hashlib.sha256()
     for f in document_files(folder):
-        h.update(f"{f.relative_to(folder).as_posix()}\0{sha256_file(f)}\n".encode())
+        h.update(f"{f.relative_to(folder).as_posix()}\0{input_digest(f)}\n".encode())
     return h.hexdigest()
 
 

@@ -14,3 +14,20 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# (path, size, mtime_ns, inode, ctime_ns) -> sha256 of an input file hashed for a stage key
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def input_digest(path: str | Path) -> str:
+    """sha256 of an input file that goes into a stage key, hashed once per process while its
+    stat is unchanged: a run computes each key at least twice (Prefect's cache policy, then the
+    task) and sweeps/servers many times, and re-reading a large corpus each time is most of a
+    cached run's own work. Any write changes size, mtime_ns or ctime_ns; a replaced file changes
+    the inode. Artifact integrity checks never use this (they must re-read the bytes)."""
+    st = Path(path).stat()
+    stamp = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    if (digest := _DIGESTS.get(stamp)) is None:
+        digest = _DIGESTS[stamp] = sha256_file(path)
+    return digest

@@ -6,26 +6,15 @@ chat template the model was tuned with; decoding comes from the config's `genera
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import FastTrackError
 from fasttrack.core.store import ArtifactRef
+from fasttrack.lib.answer import Answer
 from fasttrack.lib.generate import chat_text, generate, prompt_room
 
 PROMPT = "Answer the question using the context. Cite sources as [n].\n\n{context}\n\nQuestion: {q}"
-
-
-@dataclass
-class Answer:
-    text: str
-    hits: list[Any]
-    mode: str
-    model_stage: str
-    model_key: str
-    notes: list[str]  # why newer models of the run were not used
-    in_prompt: int | None = None  # how many of `hits` (the best) fit the model's context
 
 
 def run_index(cfg: RunConfig) -> ArtifactRef:

@@ -14,8 +14,9 @@ from typing import Any
 
 from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import ModelError
+from fasttrack.core.files import input_digest
 from fasttrack.core.lazy import lazy
-from fasttrack.core.store import ArtifactRef, ArtifactStore, sha256_file
+from fasttrack.core.store import ArtifactRef, ArtifactStore
 from fasttrack.core.templates import DEFAULT_TEMPLATE, apply_default, document_bos
 from fasttrack.lib.hub import check_model_dir, hub_kwargs, load_error, weights_kwargs
 from fasttrack.lib.model_files import is_local_path, max_positions  # noqa: F401 (re-exported)
@@ -49,7 +50,7 @@ def fingerprint_dir(path: Path) -> str:
     for f in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts):
         size = f.stat().st_size
         if size <= _FULL_HASH_LIMIT:
-            digest = sha256_file(f)
+            digest = input_digest(f)
         else:
             with open(f, "rb") as fh:
                 head = fh.read(1 << 20)

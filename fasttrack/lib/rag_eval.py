@@ -12,14 +12,14 @@ from pathlib import Path
 from fasttrack.core.config import SourceConfig
 from fasttrack.core.config_eval import RetrievalEvalConfig
 from fasttrack.core.errors import DataError
-from fasttrack.core.store import sha256_file
+from fasttrack.core.files import input_digest
 from fasttrack.lib.sources import read_rows
 
 _SUFFIX = {"jsonl": ".jsonl", "json": ".json", "csv": ".csv", "tsv": ".tsv", "parquet": ".parquet"}
 
 
 def eval_set_hash(ev: RetrievalEvalConfig) -> str:
-    return sha256_file(Path(ev.path).expanduser())
+    return input_digest(Path(ev.path).expanduser())
 
 
 def load_eval_set(ev: RetrievalEvalConfig, encoding: str = "utf-8") -> list[tuple[str, str]]:

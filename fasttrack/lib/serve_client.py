@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from fasttrack.core.errors import FastTrackError
-from fasttrack.lib.ask import Answer
+from fasttrack.lib.answer import Answer
 
 
 def ask_server(url: str, question: str, api_key: str | None = None) -> Answer:

@@ -19,7 +19,7 @@ from typing import Any
 
 from fasttrack.core.config import FORMAT_FIELDS, META_FIELDS, SourceConfig
 from fasttrack.core.errors import DataError
-from fasttrack.core.store import sha256_file
+from fasttrack.core.files import input_digest
 from fasttrack.lib.demo import DEMO_DIR
 
 KIND_OF_FORMAT = {
@@ -77,7 +77,7 @@ def content_hash(src: SourceConfig) -> str:
         return f"hf:{loc}:{src.subset}:{hf_split(src)}"
     h = hashlib.sha256()
     for f in source_files(Path(loc)):
-        h.update(f"{f.relative_to(loc) if f != loc else f.name}\0{sha256_file(f)}\n".encode())
+        h.update(f"{f.relative_to(loc) if f != loc else f.name}\0{input_digest(f)}\n".encode())
     return h.hexdigest()
 
 

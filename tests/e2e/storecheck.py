@@ -82,3 +82,25 @@ def orphans(store: ArtifactStore, stage: str, key: str) -> list[str]:
         return []
     keep = store_remote.files_dir(base, manifest) if manifest.get(store_remote.OBJECTS) else None
     return [p.rstrip("/") for p in prefixes if p.rstrip("/") != keep]
+
+
+HEAVY = ("torch", "transformers", "trl", "peft", "sentence_transformers", "faiss")
+_PROBE = """
+import sys
+watch = set(sys.argv.pop(1).split(","))
+from flows.cli import app
+try:
+    app(sys.argv[1:])
+finally:  # app() exits
+    print("loaded:", ",".join(sorted(watch & set(sys.modules))))
+"""
+
+
+def cli_imports(
+    args: list[str], env: dict[str, str], watch: tuple[str, ...] = HEAVY
+) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run `fasttrack ARGS` in a fresh interpreter; (the process, which of `watch` it imported)."""
+    cmd = [sys.executable, "-c", _PROBE, ",".join(watch), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=600)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("loaded:")), "loaded:")
+    return proc, [m for m in line.removeprefix("loaded:").strip().split(",") if m]

@@ -11,6 +11,7 @@ import torch
 
 from fasttrack.core.store import ArtifactStore
 from flows.pipeline import PipelineParams, pipeline
+from tests.e2e.storecheck import cli_env, cli_imports
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
 TRAINING_STEPS = ["data", "base", "pack", "pretrain", "sft", "dpo_ref", "dpo", "rag"]
@@ -75,6 +76,15 @@ def test_pipeline_trains_caches_and_reruns_only_what_changed(tiny_cfg_path: Path
     second = state.result()
     assert second.executed == [] and second.table == first.table
     assert _task_run_states(state.state_details.flow_run_id, 14) == ["Cached"] * 14
+
+    # The same cached run as a user starts it (a fresh `fasttrack run` process) imports no ML
+    # library: they are most of a cached run's start-up on 2 cores (benchmarks/cached_run.py).
+    from prefect.settings import PREFECT_API_URL
+
+    env = cli_env(tiny_cfg_path.parent / "ph", PREFECT_API_URL.value())
+    proc, heavy = cli_imports(["run", str(tiny_cfg_path)], env)
+    assert proc.returncode == 0 and "0 step(s) executed" in proc.stdout, proc.stderr[-3000:]
+    assert heavy == [], heavy
 
     # One pretrain field changed: pretrain and what depends on it re-run; data, base, pack and
     # the base model's evaluation do not.

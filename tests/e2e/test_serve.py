@@ -33,6 +33,7 @@ from fasttrack.core.config_loader import load_config
 from flows.cli import app
 from flows.pipeline import PipelineParams, pipeline
 from tests.conftest import tiny_config_dict, write_config
+from tests.e2e.storecheck import cli_imports
 from tests.e2e.test_server import start, stop
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_harness")]
@@ -292,25 +293,16 @@ def test_ask_with_server_prints_answer_and_sources(server, monkeypatch) -> None:
     assert "base64." in result.stdout
 
 
-_PROBE = """
-import sys
-from flows.cli import app
-try:
-    app(sys.argv[1:])
-finally:  # app() exits
-    print("loaded:", sorted({"prefect", "torch", "transformers", "tasks"} & set(sys.modules)))
-"""
-
-
 def test_ask_with_server_imports_no_prefect_torch_or_stages(server) -> None:
-    """`ask --server` is an HTTP client: importing Prefect, torch and every stage (seconds
-    on 2 cores, most of its wall time) would be pure start-up cost."""
+    """`ask --server` is an HTTP client: importing Prefect, torch, every stage or even the
+    config schema (seconds on 2 cores, most of its wall time) would be pure start-up cost."""
     env = {**os.environ, KEY_ENV: KEY}
-    cmd = [sys.executable, "-c", _PROBE, "ask", "--server", server["url"], "--api-key-env",
-           KEY_ENV, "What does `base64.b64encode` do?"]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, text=True, capture_output=True, timeout=300)
+    args = ["ask", "--server", server["url"], "--api-key-env", KEY_ENV,
+            "What does `base64.b64encode` do?"]  # fmt: skip
+    watch = ("prefect", "torch", "transformers", "tasks", "fasttrack.core.config")
+    proc, loaded = cli_imports(args, env, watch)
     assert proc.returncode == 0 and "sources (server)" in proc.stdout, proc.stderr[-2000:]
-    assert "loaded: []" in proc.stdout, proc.stdout
+    assert loaded == [], proc.stdout
 
 
 def test_sigterm_drains_requests_in_flight(server) -> None:
