@@ -2,6 +2,7 @@
 fresh store, then `fasttrack ask "How do I parse a JSON string?"`.
 
     python benchmarks/default_run.py [--store DIR] [--set KEY=VALUE ...] [--out NAME]
+    python benchmarks/default_run.py --markdown benchmarks/results/default_run.json   # README
 
 Records the wall time of each command and of each step, the run table (every metric with its
 95 % bootstrap interval), the stage-to-stage verdicts (paired test, p-value), the per-mode
@@ -35,12 +36,44 @@ def fasttrack(args: list[str], env: dict[str, str]) -> tuple[float, subprocess.C
     return round(time.perf_counter() - started, 1), proc
 
 
+COLUMNS = ("perplexity", "rougeL", "pref_accuracy", "recall@5")
+
+
+def _cell(row: dict, col: str) -> str:
+    value, ci = row.get(col), (row.get("ci") or {}).get(col)
+    if value is None:
+        return "–"
+    text = f"{value:.4g}"
+    return text + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "")
+
+
+def markdown(result: dict) -> str:
+    """The README's tables from a results file: metrics with intervals, then the verdicts."""
+    lines = ["| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for row in result.get("table") or []:
+        lines.append(f"| {row['model']} | " + " | ".join(_cell(row, c) for c in COLUMNS) + " |")
+    lines += ["", "| from → to | metric | from | to | p | verdict |", "|---|---|---|---|---|---|"]
+    for v in result.get("verdicts") or []:
+        if v["metric"] in COLUMNS:
+            values = f"{v['from_value']:.4g} | {v['to_value']:.4g} | {v['p_value']:.3g}"
+            lines.append(f"| {v['from']} → {v['to']} | {v['metric']} | {values} | {v['verdict']} |")
+    lines += ["", "| retrieval | recall@1 | recall@5 | recall@10 | mrr |", "|---|---|---|---|---|"]
+    for row in result.get("retrieval") or []:
+        cells = " | ".join(_cell(row, c) for c in ("recall@1", "recall@5", "recall@10", "mrr"))
+        lines.append(f"| {row['retrieval']} | {cells} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", help="store directory (default: a fresh temporary one)")
     parser.add_argument("--set", action="append", default=[], help="config override")
     parser.add_argument("--out", default="default_run", help="results file name (no .json)")
+    parser.add_argument("--markdown", metavar="JSON", help="print a results file's README tables")
     a = parser.parse_args()
+    if a.markdown:
+        print(markdown(json.loads(Path(a.markdown).read_text())))
+        return
     tmp = Path(tempfile.mkdtemp(prefix="default-run-"))
     store = Path(a.store) if a.store else tmp / "store"
     env = os.environ | {"COLUMNS": "220", "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(tmp / "ph")}
