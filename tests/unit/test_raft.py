@@ -107,3 +107,20 @@ def test_demo_rejected_answers_carry_their_defect() -> None:
         else:
             again = rejected.removeprefix(chosen + " ")
             assert again != rejected and chosen.startswith(again)
+
+
+def test_rag_context_and_its_chunking_are_in_sfts_key() -> None:
+    from fasttrack.core.store import ArtifactRef
+    from tasks.sft import sft_spec
+
+    ref = ArtifactRef(stage="base", key="0" * 64, uri="/nowhere")
+
+    def key(*overrides: str) -> str:
+        return sft_spec(load_config(None, list(overrides)), ref, ref).key
+
+    raft, plain = key(), key("sft.rag_context=null")
+    assert raft != plain
+    assert key("sft.rag_context.p_oracle=0.5") != raft
+    assert key("rag.chunk.size_tokens=80") != raft  # other chunks, other contexts
+    assert key("sft.rag_context=null", "rag.chunk.size_tokens=80") == plain  # not without RAFT
+    assert key("rag.top_k=5") == raft  # a query-time knob of inference only
