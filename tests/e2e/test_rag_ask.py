@@ -1,6 +1,5 @@
 """RAG in the flow (concurrently with training) and `fasttrack ask` end to end."""
 
-import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -20,8 +19,7 @@ def test_rag_in_the_flow_then_ask_answers_with_sources(tmp_path: Path) -> None:
         {"path": "demo:stdlib_docs", "format": "text", "max_rows": 60},
         {"path": "demo:stdlib_qa", "format": "alpaca", "max_rows": 60},
     ]
-    raft = {"rag_context": {"k": 2, "distractors": 1, "p_oracle": 0.8}}  # RAFT-style SFT
-    d = tiny_config_dict(tmp_path / "store", data={"sources": sources}, sft=raft)
+    d = tiny_config_dict(tmp_path / "store", data={"sources": sources})
     d["generation"] = {"max_new_tokens": 12}
     path = write_config(tmp_path / "c.yaml", d)
     stages = ["data", "pretrain", "sft", "rag", "evaluate"]
@@ -31,11 +29,6 @@ def test_rag_in_the_flow_then_ask_answers_with_sources(tmp_path: Path) -> None:
     assert {r["retrieval"] for r in summary.retrieval} == {"dense", "bm25", "hybrid"}
     with_rag = {r["model"]: r for r in summary.table}["sft+rag"]  # newest model + context
     assert with_rag["recall@5"] is not None and with_rag["rougeL"] is not None
-    rag_eval = steps["evaluate:sft+rag"].key
-    samples = Path(ArtifactStore(str(tmp_path / "store")).uri("evaluate", rag_eval))
-    lines = (samples / "samples.jsonl").read_text().splitlines()
-    answers = [json.loads(line)["prediction"] for line in lines]
-    assert answers and all(a.strip() for a in answers)  # trained on such prompts: it answers
     again = pipeline(PipelineParams(config=str(path), stages=stages))
     assert again.executed == []  # the index too: no embedding on an unchanged corpus
 
