@@ -101,7 +101,9 @@ def run(
 
         show(rich_table(display_rows(summary.table)))
     if summary.retrieval:
-        show(rich_table(summary.retrieval, title="retrieval (held-out questions)"))
+        from fasttrack.lib.tables import display_rows
+
+        show(rich_table(display_rows(summary.retrieval), title="retrieval (held-out questions)"))
     if summary.report:
         console.print(f"report: {summary.report}", soft_wrap=True, highlight=False)
     if summary.exports:

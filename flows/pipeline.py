@@ -16,6 +16,7 @@ from fasttrack.core.config import STAGES, RunConfig
 from fasttrack.core.config_loader import load_config
 from fasttrack.core.store import ArtifactRef, ArtifactStore
 from fasttrack.lib.chain import MODEL_CHAIN, MODEL_ORDER, run_models, walk
+from fasttrack.lib.evalstats import bootstrap_of
 from fasttrack.lib.gates import enforce_gates
 from fasttrack.lib.preflight import preflight
 from fasttrack.lib.tables import metrics_table, publish_table, retrieval_table
@@ -130,7 +131,7 @@ def _steps(
             report_ref = run(report_task, cfg, evals, models, rag, refs, label="report:exports")
             publish_report(cfg, report_ref)  # the same report, now with the export table
             report = str(ArtifactStore(cfg.store).local_path(report_ref) / "report.md")
-    retrieval = retrieval_table(rag) if rag else []
+    retrieval = retrieval_table(rag, ArtifactStore(cfg.store), bootstrap_of(cfg)) if rag else []
     return RunSummary(
         name=cfg.name, store=str(cfg.store), steps=run.steps, table=table, retrieval=retrieval,
         report=report,

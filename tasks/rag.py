@@ -23,11 +23,11 @@ import numpy as np
 from fasttrack.core import faultpoint
 from fasttrack.core.config import RunConfig
 from fasttrack.core.errors import DataError, ModelError
-from fasttrack.core.files import input_digest
 from fasttrack.core.log import get_logger
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore, canonical_json
-from fasttrack.lib.datasets import SPLITS, read_split
+from fasttrack.lib.datasets import read_split
+from fasttrack.lib.documents import documents_hash, load_documents
 from fasttrack.lib.evalstats import RANKS_FILE
 from fasttrack.lib.rag_eval import eval_set_hash, load_eval_set
 from fasttrack.lib.retrieval import (
@@ -37,7 +37,6 @@ from fasttrack.lib.retrieval import (
     INDEX_FILE,
     MODES,
     Chunk,
-    Document,
     Embedder,
     Retriever,
     build_bm25,
@@ -47,23 +46,9 @@ from fasttrack.lib.retrieval import (
 )
 
 STAGE = Stage("rag", "2")  # 2: ranks.json (per-question ranks: recall@k intervals)
-DOC_SUFFIXES = (".txt", ".md")
 EVAL_SPLITS = ("validation", "test")
 # Query-time knobs: they change no file of the artifact, so they are not part of its key.
 _QUERY_ONLY = {"enabled", "batch_size", "mode", "top_k"}
-
-
-def document_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise DataError(f"rag.documents: {folder}: folder not found")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in DOC_SUFFIXES)
-
-
-def documents_hash(folder: Path) -> str:
-    h = hashlib.sha256()
-    for f in document_files(folder):
-        h.update(f"{f.relative_to(folder).as_posix()}\0{input_digest(f)}\n".encode())
-    return h.hexdigest()
 
 
 def family_of(cfg: RunConfig, embedder_hash: str) -> str:
@@ -94,48 +79,6 @@ def rag_spec(cfg: RunConfig, data: ArtifactRef | None = None) -> StageSpec:
     config = rag.model_dump(mode="json", exclude=exclude)
     upstream = {"data": data} if data is not None else {}
     return STAGE.spec(config, upstream=upstream, inputs=inputs)
-
-
-def load_documents(
-    cfg: RunConfig, store: ArtifactStore, data: ArtifactRef | None
-) -> tuple[list[Document], list[str]]:
-    """(documents, skipped files): the `rag.documents` folder, else every corpus split."""
-    rag, docs, skipped = cfg.rag, [], []
-    if rag.documents:
-        folder = Path(rag.documents).expanduser()
-        where = str(folder)
-        for f in document_files(folder):
-            rel = f.relative_to(folder).as_posix()
-            try:
-                text = f.read_bytes().decode("utf-8")  # bytes as-is: offsets match the file
-            except UnicodeDecodeError as exc:
-                msg = f"rag.documents: {f}: not valid UTF-8 (byte {exc.start}: {exc.reason})"
-                if rag.on_decode_error == "error":
-                    raise DataError(
-                        f"{msg}; re-encode it or set rag.on_decode_error: skip"
-                    ) from None
-                get_logger().warning("%s; skipped", msg)
-                skipped.append(rel)
-                continue
-            docs.append(Document(rel, f.stem, text))
-    else:
-        assert data is not None
-        where = f"the corpus of data artifact {data.short}"
-        for split in SPLITS:
-            try:
-                rows = read_split(store, data, "corpus", split)
-            except DataError:
-                raise DataError(
-                    "rag: the corpus is empty: the data artifact has no corpus (add a source "
-                    "with format: text, or set rag.documents)"
-                ) from None
-            docs += [
-                Document(str(r.get("id") or f"{split}/{i}"), r.get("title") or "", r["text"])
-                for i, r in enumerate(rows)
-            ]
-    if not any(d.text.strip() for d in docs):
-        raise DataError(f"rag: the corpus is empty: no document with text in {where}")
-    return docs, skipped
 
 
 def previous_in_family(

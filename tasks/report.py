@@ -18,7 +18,7 @@ from fasttrack.core.log import get_logger
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
 from fasttrack.core.store_admin import find_report  # noqa: F401  (re-exported)
-from fasttrack.lib.evalstats import load_scores, stage_verdicts
+from fasttrack.lib.evalstats import bootstrap_of, load_scores, stage_verdicts
 from fasttrack.lib.gates import describe, run_gates
 from fasttrack.lib.stats import Bootstrap
 from fasttrack.lib.tables import (
@@ -30,7 +30,7 @@ from fasttrack.lib.tables import (
     small_n_note,
 )
 
-STAGE = Stage("report", "2")  # 2: intervals and stage-to-stage verdicts
+STAGE = Stage("report", "3")  # 2: intervals and stage-to-stage verdicts; 3: retrieval intervals
 REPORT_KEY = "fasttrack-report"
 TRAINING = ("pretrain", "sft", "dpo")
 
@@ -134,7 +134,7 @@ def render(
                   f"evaluate.seeds {cfg.evaluate.seeds} ({cfg.generation.strategy} decoding).",
                   "", _md_table(spread)]  # fmt: skip
     if retrieval:
-        parts += ["", "## Retrieval (held-out questions)", "", _md_table(retrieval)]
+        parts += ["", "## Retrieval (held-out questions)", "", _md_table(display_rows(retrieval))]
         if note := small_n_note(retrieval):
             parts += ["", note]
     if gates:
@@ -169,7 +169,8 @@ def build_report(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         k.removeprefix("model:"): v for k, v in spec.upstream.items() if k.startswith("model:")
     }
     table = metrics_table(evals)
-    retrieval = retrieval_table(spec.upstream["rag"]) if "rag" in spec.upstream else []
+    rag = spec.upstream.get("rag")
+    retrieval = retrieval_table(rag, store, bootstrap_of(cfg)) if rag else []
     gates = run_gates(cfg, table, evals)
     b = cfg.evaluate.bootstrap
     boot = Bootstrap(b.resamples, b.seed, b.level)

@@ -9,6 +9,7 @@ model for stock `AutoModelForCausalLM` / `pipeline("text-generation")`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from fasttrack.lib.adapters import (
     unchanged_tensors,
 )
 from fasttrack.lib.datasets import read_split
+from fasttrack.lib.documents import documents_hash, load_documents
+from fasttrack.lib.embedder import resolve_embedder
 from fasttrack.lib.models import load_model, pick_device, target_dtype
 from fasttrack.lib.training import (
     dtype_name,
@@ -40,7 +43,15 @@ def sft_spec(cfg: RunConfig, model: ArtifactRef, data: ArtifactRef) -> StageSpec
     config |= cfg.adapter.model_dump(mode="json")
     if cfg.model.dtype != "auto":  # the merged model's dtype; auto keeps the old keys
         config["dtype"] = cfg.model.dtype
-    return STAGE.spec(config, upstream={"model": model, "data": data})
+    inputs = {}
+    if (rc := cfg.sft.rag_context) is not None:  # RAFT: the contexts' documents and chunking
+        config["rag_context"] = rc.model_dump(mode="json") | {
+            "chunk": cfg.rag.chunk.model_dump(mode="json")
+        }
+        inputs["chunk_tokenizer"] = resolve_embedder(cfg.rag.embedder)[1]
+        if cfg.rag.documents:
+            inputs["documents"] = documents_hash(Path(cfg.rag.documents).expanduser())
+    return STAGE.spec(config, upstream={"model": model, "data": data}, inputs=inputs)
 
 
 def prompt_completion(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -83,10 +94,12 @@ def build_sft(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
 
     s, store = cfg.sft, ArtifactStore(cfg.store)
     data = spec.upstream["data"]
-    train = datasets.Dataset.from_list(prompt_completion(read_split(store, data, "sft", "train")))
-    val_rows = prompt_completion(read_split(store, data, "sft", "validation"))[: s.eval_max_rows]
-    val = datasets.Dataset.from_list(val_rows) if val_rows else None
     model, tok, quant = load_for_training(cfg, spec.upstream["model"])
+    with_context = raft_contexts(cfg, store, data, tok)
+    train_rows = with_context(read_split(store, data, "sft", "train"))
+    train = datasets.Dataset.from_list(prompt_completion(train_rows))
+    val_rows = with_context(read_split(store, data, "sft", "validation")[: s.eval_max_rows])
+    val = datasets.Dataset.from_list(prompt_completion(val_rows)) if val_rows else None
     work = store.work_dir("sft", spec.key)
     trainer = sft_trainer(cfg, model, tok, train, val, work)
     before = trainable_snapshot(trainer.model)
@@ -105,6 +118,23 @@ def build_sft(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         merge_adapter(cfg, spec.upstream["model"], out, out / "merged")
     device = {"device": pick_device(), "dtype": dtype_name(s.precision), "quantization": quant}
     return BuildResult(metrics=metrics, device=device, extra={"base_model": lineage})
+
+
+def raft_contexts(
+    cfg: RunConfig, store: ArtifactStore, data: ArtifactRef, tok: Any
+) -> Callable[[list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Rows -> rows whose prompts carry RAFT contexts (`sft.rag_context`); as-is when unset."""
+    rc = cfg.sft.rag_context
+    if rc is None:
+        return lambda rows: rows
+    from transformers import AutoTokenizer
+
+    from fasttrack.lib.raft import ContextIndex, raft_rows
+
+    docs, _ = load_documents(cfg, store, data)
+    chunk_tok = AutoTokenizer.from_pretrained(str(resolve_embedder(cfg.rag.embedder)[0]))
+    index = ContextIndex.build(docs, chunk_tok, cfg.rag.chunk)
+    return lambda rows: raft_rows(rows, index, rc, cfg.seed, tok, cfg.sft.max_length)
 
 
 def merge_adapter(cfg: RunConfig, model_ref: ArtifactRef, adapter: Path, dest: Path) -> None:

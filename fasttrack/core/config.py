@@ -13,7 +13,13 @@ from pydantic import Field, PrivateAttr, ValidationInfo, field_validator, model_
 
 from fasttrack.core.compute import ComputeConfig
 from fasttrack.core.config_base import Section, deprecated
-from fasttrack.core.config_eval import EvaluateConfig, ExportConfig, GenerationConfig, RagConfig
+from fasttrack.core.config_eval import (
+    EvaluateConfig,
+    ExportConfig,
+    GenerationConfig,
+    RagConfig,
+    RagContextConfig,
+)
 from fasttrack.core.config_track import SweepConfig, TrackingConfig
 from fasttrack.core.store_remote import check_url
 
@@ -239,6 +245,9 @@ class SftConfig(TrainingConfig):
     packing: bool = Field(False, description="BFD packing, no cross-sample attention.")
     merge: bool = Field(True, description="Also publish the merged model.")
     eval_max_rows: int | None = Field(64, gt=0)
+    rag_context: RagContextConfig | None = Field(
+        None, description="RAFT: train on prompts carrying retrieved chunks (README, RAFT)."
+    )
 
 
 class DpoConfig(TrainingConfig):

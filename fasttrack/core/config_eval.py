@@ -22,6 +22,31 @@ class ChunkConfig(Section):
         return self
 
 
+class RagContextConfig(Section):
+    """RAFT-style retrieval-augmented SFT (Zhang et al. 2024): each training prompt carries `k`
+    retrieved chunks in the prompt `ask` builds. With probability `p_oracle` they include the
+    chunk(s) of the row's `source` document (the oracle); the rest are `distractors`, the best
+    BM25 matches of the question from other documents. Rows without the oracle teach the model
+    to answer when retrieval missed."""
+
+    k: int = Field(3, ge=1, description="Chunks in each training prompt.")
+    distractors: int = Field(
+        2, ge=0, description="Of the k chunks, how many come from other documents when the "
+        "oracle is present (k - distractors oracle chunks at most); without it, all k do."
+    )  # fmt: skip
+    p_oracle: float = Field(0.8, ge=0, le=1, description="Share of rows whose prompt holds the "
+                            "oracle; 1 - p_oracle of rows have distractors only.")  # fmt: skip
+
+    @model_validator(mode="after")
+    def _room_for_oracle(self) -> RagContextConfig:
+        if self.distractors >= self.k:
+            raise ValueError(
+                f"distractors ({self.distractors}) must be smaller than k ({self.k}): the "
+                "oracle needs a slot"
+            )
+        return self
+
+
 class RetrievalEvalConfig(Section):
     """The user's own retrieval eval set: one question per row and the source that answers it
     (a document title, its path under rag.documents, or its `id`). See README, "rag.eval"."""

@@ -4,8 +4,15 @@
   corpus; format `text`, with a `title`).
 - `stdlib_qa.jsonl`: "What does `json.dumps` do?" -> the docstring's first paragraph (format
   `alpaca`; `source` names the function so retrieval can be scored later).
-- `stdlib_preference.jsonl`: chosen = that answer, rejected = the first paragraph of another
-  function of the same module, a plausible but wrong answer (format `preference`).
+- `stdlib_preference.jsonl`: chosen = that answer, rejected = the same answer with one of the two
+  defects small models really produce, chosen by a stable hash of the function's name (format
+  `preference`): *truncated* (cut mid-sentence after about half its words: the model stopped
+  early) or *looping* (the whole answer, then its opening words again: the model repeats itself).
+  A reader agrees each rejected answer is worse, and a 1M-parameter model learns the difference
+  (DPO's implicit-reward accuracy 0.975 on validation pairs). Caveat: raw summed log-prob
+  preference accuracy is length-biased on these pairs (a prefix is always more probable).
+  (Another function's docstring as the rejected answer, as before, is a preference a model that
+  size cannot tell apart: accuracy ~0.5.)
 - `stdlib_docs.jsonl`: the full docstring of each of those functions as a document titled by its
   qualified name (format `text`): the corpus in which RAG must find a QA pair's `source`.
 
@@ -19,6 +26,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import re
 from pathlib import Path
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
@@ -90,6 +98,23 @@ def _stable_index(text: str, n: int) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest(), 16) % n
 
 
+DEFECTS = ("truncated", "looping")
+MIN_WORDS = 6  # shorter answers have no middle to cut nor an opening worth repeating
+
+
+def rejected_answer(answer: str, defect: str) -> str:
+    """`answer` with `defect`: truncated cuts it mid-sentence after about half its words (no
+    closing punctuation); looping appends its own opening words (about half) after it. The
+    cut keeps the answer's own characters (spacing included): the defect is the only change."""
+    ends = [m.end() for m in re.finditer(r"\S+", answer)]
+    opening = answer[: ends[max(len(ends) // 2, 2) - 1]].rstrip(".,;:")
+    if defect == "truncated":
+        return opening
+    if defect == "looping":
+        return f"{answer} {opening}"
+    raise ValueError(f"unknown defect {defect!r} (defects: {', '.join(DEFECTS)})")
+
+
 def documented_functions(module_name: str) -> list[tuple[str, str, str]]:
     """(qualified name, first paragraph, full docstring) of the module's documented callables."""
     module = importlib.import_module(module_name)
@@ -125,16 +150,17 @@ def build() -> dict[str, list[dict]]:
     qa, pref, docs = [], [], []
     for module_name in MODULES:
         funcs = documented_functions(module_name)
-        for i, (qualname, answer, doc) in enumerate(funcs):
+        for qualname, answer, doc in funcs:
             docs.append({"title": qualname, "text": f"{qualname}\n\n{doc}"})
             question = QUESTIONS[_stable_index(qualname, len(QUESTIONS))].format(qualname)
             qa.append({"instruction": question, "input": "", "output": answer, "source": qualname})
-            others = [a for _, a, _ in funcs[i + 1 :] + funcs[:i] if a != answer]
-            if others:
-                rejected = others[_stable_index(qualname + "/r", len(others))]
+            if len(answer.split()) >= MIN_WORDS:
+                defect = DEFECTS[_stable_index(qualname + "/r", len(DEFECTS))]
+                rejected = rejected_answer(answer, defect)
                 pref.append(
-                    {"prompt": question, "chosen": answer, "rejected": rejected, "source": qualname}
-                )
+                    {"prompt": question, "chosen": answer, "rejected": rejected,
+                     "defect": defect, "source": qualname}
+                )  # fmt: skip
     return {
         "pydoc_topics": topics,
         "stdlib_docs": docs,

@@ -170,6 +170,19 @@ def retrieval_table(ranks: list[int | None], ks: list[int]) -> dict[str, Any]:
     return table([f"recall@{k}" for k in ks], hits)
 
 
+def bootstrap_of(cfg: Any) -> Bootstrap:
+    """The run config's `evaluate.bootstrap` as the stats helpers take it."""
+    b = cfg.evaluate.bootstrap
+    return Bootstrap(resamples=b.resamples, seed=b.seed, level=b.level)
+
+
+def rank_scores(ranks: list[int | None], ks: list[int]) -> dict[str, Any]:
+    """Per question: a hit flag per recall@k and the reciprocal rank (0: not retrieved), the
+    rows a retrieval mode's recall@k and MRR intervals are bootstrapped over."""
+    rows = [[float(bool(r and r <= k)) for k in ks] + [1.0 / r if r else 0.0] for r in ranks]
+    return table([f"recall@{k}" for k in ks] + ["mrr"], rows)
+
+
 def load_scores(store: Any, evals: dict[str, Any]) -> dict[str, Scores]:
     """model -> per-row scores of its evaluation artifact (models evaluated before scores were
     kept have none and are left out)."""

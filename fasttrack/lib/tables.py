@@ -58,16 +58,37 @@ def metrics_table(evals: dict[str, ArtifactRef]) -> list[dict[str, Any]]:
     return rows
 
 
-def retrieval_table(rag: ArtifactRef) -> list[dict[str, Any]]:
-    """One row per retrieval mode (dense, bm25, hybrid) of the RAG artifact's evaluation."""
+def retrieval_table(rag: ArtifactRef, store: Any = None, boot: Any = None) -> list[dict[str, Any]]:
+    """One row per retrieval mode (dense, bm25, hybrid) of the RAG artifact's evaluation; with
+    `store` and `boot` (a stats.Bootstrap), each row's `ci` holds the bootstrap intervals of
+    recall@k and MRR over the questions (from the artifact's per-question ranks)."""
+    ranks = _ranks(rag, store) if boot is not None else {}
     rows = []
     for mode in ("dense", "bm25", "hybrid"):
         values = {c: rag.metrics.get(f"{mode}.{c}") for c in RETRIEVAL_COLUMNS}
         if any(v is not None for v in values.values()):
             n = rag.metrics.get("eval_questions")
             note = small_sample_note({"all": n}).replace("all ", "") or None
-            rows.append({"retrieval": mode, **values, "questions": n, "small_n": note})
+            row = {"retrieval": mode, **values, "questions": n, "small_n": note}
+            if ranks.get(mode):
+                from fasttrack.lib.evalstats import intervals, rank_scores
+
+                ks = [int(c.removeprefix("recall@")) for c in RETRIEVAL_COLUMNS if "@" in c]
+                ci = intervals({"retrieval": rank_scores(ranks[mode], ks)}, boot)
+                shown = [c for c in RETRIEVAL_COLUMNS if values[c] is not None]
+                row["ci"] = {c: ci[c] for c in shown if c in ci}
+            rows.append(row)
     return rows
+
+
+def _ranks(rag: ArtifactRef, store: Any) -> dict[str, list[int | None]]:
+    """mode -> rank of the expected document per question ({} for artifacts without ranks)."""
+    import json
+
+    from fasttrack.lib.evalstats import RANKS_FILE
+
+    path = store.local_path(rag) / RANKS_FILE if store is not None else None
+    return json.loads(path.read_text()) if path is not None and path.exists() else {}
 
 
 def cell(value: Any, interval: list[float] | None = None) -> str | None:

@@ -235,6 +235,10 @@ CASES: list[Case] = [
          lambda c: config_text(c, good_yaml(c, model={"chat_template": "nope.jinja"})),
          f"{CFG}:<n>: model.chat_template: cannot read template file nope.jinja (relative to "
          "…): No such file or directory"),
+    Case("config-raft-no-oracle-slot", "config", "RAFT context whose distractors fill all k",
+         lambda c: config_text(c, good_yaml(c, sft={"rag_context": {"k": 2, "distractors": 2}})),
+         f"{CFG}:<n>: sft.rag_context: distractors (2) must be smaller than k (2): the oracle "
+         "needs a slot"),
     Case("set-no-equals", "config", "`--set` without `=`",
          lambda c: (_run(c, "--set", "pretrain.max_steps"), ""),
          "--set pretrain.max_steps: expected KEY=VALUE, e.g. pretrain.max_steps=50"),

@@ -325,6 +325,15 @@ def test_users_retrieval_eval_set_is_scored_per_mode(tmp_path: Path) -> None:
     table = retrieval_table(ref)
     assert [r["retrieval"] for r in table] == list(MODES)
     assert all(r["questions"] == 6 and r["small_n"] == "n=6" for r in table)
+    from fasttrack.lib.stats import Bootstrap
+    from fasttrack.lib.tables import display_rows
+
+    with_ci = retrieval_table(ref, ArtifactStore(cfg.store), Bootstrap(500, seed=1))
+    for row in with_ci:  # bootstrap over the 6 questions: 5 hits, 1 miss -> a real interval
+        assert set(row["ci"]) == {"recall@1", "recall@5", "recall@10", "mrr"}
+        low, high = row["ci"]["recall@1"]
+        assert 0.0 <= low < 0.8333 < high <= 1.0
+    assert "0.8333 [" in display_rows(with_ci)[0]["recall@1"]
     manifest = ArtifactStore(cfg.store).read_manifest("rag", ref.key)
     assert manifest["metrics"]["hybrid.recall@10"] == 0.8333
     (tmp_path / "eval.csv").write_text("q,doc\nonly a question\n")
