@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from fasttrack.lib.dataprep import (
     text_of,
 )
 from fasttrack.lib.hub import hf_token
+from fasttrack.lib.pools import dask_client
 from fasttrack.lib.sources import KIND_OF_FORMAT, content_hash, input_bytes
 
 # 3: streamed; MinHash of crc32-hashed word shingles with vectorised permutations (near-dup
@@ -73,20 +72,6 @@ def build_data(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     (out / "stats.json").write_text(json.dumps(stats_out, indent=2, sort_keys=True))
     extra = {"stats": stats_out, "workers": workers, "engine": data.engine}
     return BuildResult(metrics=metrics, extra=extra)
-
-
-@contextmanager
-def dask_client(cfg: RunConfig, workers: int) -> Iterator[Any]:
-    """The scheduler at compute.dask_address, or a LocalCluster of `workers` processes."""
-    from distributed import Client, LocalCluster
-
-    if cfg.compute.dask_address:
-        with Client(cfg.compute.dask_address) as client:
-            yield client
-        return
-    kw = {"n_workers": workers, "threads_per_worker": 1, "dashboard_address": None}
-    with LocalCluster(processes=True, **kw) as cluster, Client(cluster) as client:
-        yield client
 
 
 prepare_data, data_task = STAGE.define(data_spec, build_data)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,14 +23,16 @@ import numpy as np
 
 from fasttrack.core import faultpoint
 from fasttrack.core.config import RunConfig
-from fasttrack.core.errors import DataError, ModelError
+from fasttrack.core.errors import DataError
 from fasttrack.core.log import get_logger
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore, canonical_json
 from fasttrack.lib.datasets import read_split
 from fasttrack.lib.documents import documents_hash, load_documents
 from fasttrack.lib.evalstats import RANKS_FILE
+from fasttrack.lib.pools import worker_pool
 from fasttrack.lib.rag_eval import eval_set_hash, load_eval_set
+from fasttrack.lib.rag_shards import EncoderSpec, default_workers, embed_chunks
 from fasttrack.lib.retrieval import (
     BM25_DIR,
     CHUNKS_FILE,
@@ -45,10 +48,13 @@ from fasttrack.lib.retrieval import (
     resolve_embedder,
 )
 
-STAGE = Stage("rag", "2")  # 2: ranks.json (per-question ranks: recall@k intervals)
+# 2: ranks.json (per-question ranks: recall@k intervals); 3: IVF-PQ trained on a sample, filled
+# shard by shard, nprobe tuned to rag.ivf_recall, exact re-scoring of its candidates
+STAGE = Stage("rag", "3")
 EVAL_SPLITS = ("validation", "test")
 # Query-time knobs: they change no file of the artifact, so they are not part of its key.
 _QUERY_ONLY = {"enabled", "batch_size", "mode", "top_k"}
+_SCHEDULE = {"engine", "workers", "shard_size"}  # where and in what pieces: same vectors
 
 
 def family_of(cfg: RunConfig, embedder_hash: str) -> str:
@@ -75,7 +81,9 @@ def rag_spec(cfg: RunConfig, data: ArtifactRef | None = None) -> StageSpec:
         )
     if rag.eval is not None:  # the user's eval set: its bytes are part of the key
         inputs["eval_set"] = eval_set_hash(rag.eval)
-    exclude = _QUERY_ONLY | ({"eval"} if rag.eval is None else set())  # keys stay as they were
+    exclude = (
+        _QUERY_ONLY | _SCHEDULE | ({"eval"} if rag.eval is None else set())
+    )  # keys stay as they were
     config = rag.model_dump(mode="json", exclude=exclude)
     upstream = {"data": data} if data is not None else {}
     return STAGE.spec(config, upstream=upstream, inputs=inputs)
@@ -91,60 +99,6 @@ def previous_in_family(
         if m["key"] != key and (ref := store.lookup("rag", m["key"])) is not None:
             return ref, m
     return None
-
-
-def passage_hash(passage: str) -> str:
-    """Identity of an embedding: the exact text the model sees (title + chunk)."""
-    return hashlib.sha256(passage.encode()).hexdigest()
-
-
-def embed_chunks(
-    chunks: list[Chunk],
-    embedder: Embedder,
-    store: ArtifactStore,
-    previous: tuple[ArtifactRef, dict] | None,
-    batch_size: int,
-) -> tuple[np.ndarray, int, int]:
-    """(vectors, embedded, reused): a chunk whose passage (by content hash) is in `previous`
-    gets that vector copied; only new passages go through the model."""
-    vectors = np.zeros((len(chunks), embedder.dim), dtype=np.float32)
-    old: dict[str, int] = {}
-    if previous is not None:
-        ref, manifest = previous
-        path = store.local_path(ref)
-        old_vecs = np.load(path / EMBEDDINGS_FILE, mmap_mode="r")
-        dims = {manifest.get("dimension"), old_vecs.shape[1]}
-        if dims != {embedder.dim}:
-            raise ModelError(
-                f"rag: cannot reuse embeddings of rag artifact {ref.short}: dimension "
-                f"{'/'.join(map(str, sorted(dims, key=str)))} != {embedder.dim} of embedder "
-                f"{embedder.name!r}; that artifact is inconsistent: remove {ref.uri}"
-            )
-        import pyarrow.parquet as pq
-
-        t = pq.read_table(path / CHUNKS_FILE, columns=["title", "text"]).to_pydict()
-        for row, (title, text) in enumerate(zip(t["title"], t["text"], strict=True)):
-            passage = Chunk("", title, "", 0, 0, text, "").passage
-            old.setdefault(passage_hash(passage), row)
-    todo, new = [], {}  # new: first row of each passage to embed (duplicates embed once)
-    reuse_rows, reuse_from = [], []
-    for i, c in enumerate(chunks):
-        h = passage_hash(c.passage)
-        if h in old:
-            reuse_rows.append(i)
-            reuse_from.append(old[h])
-        else:
-            todo.append(i)
-            new.setdefault(h, i)
-    if reuse_rows:
-        order = np.argsort(reuse_from)  # mmap reads in file order
-        vectors[np.asarray(reuse_rows)[order]] = old_vecs[np.asarray(reuse_from)[order]]
-    if todo:
-        first = sorted(new.values())
-        encoded = embedder.encode([chunks[i].passage for i in first], batch_size)
-        row_of = {passage_hash(chunks[i].passage): k for k, i in enumerate(first)}
-        vectors[todo] = encoded[[row_of[passage_hash(chunks[i].passage)] for i in todo]]
-    return vectors, len(todo), len(reuse_rows)
 
 
 def eval_questions(
@@ -233,14 +187,22 @@ def build_rag(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     family = family_of(cfg, embedder.fingerprint)
     previous = previous_in_family(store, family, spec.key)
     t0 = time.perf_counter()
-    vectors, embedded, reused = embed_chunks(chunks, embedder, store, previous, rag.batch_size)
+    shards = -(-len(chunks) // rag.shard_size)
+    workers = rag.workers or default_workers(shards, os.cpu_count() or 1)
+    encode = EncoderSpec(rag.embedder, rag.embedder_backend, cfg.store, rag.batch_size)
+    with worker_pool(cfg, rag.engine, workers) as (pool, workers):
+        embedded, reused = embed_chunks(
+            chunks, encode, embedder.dim, out / EMBEDDINGS_FILE, store, previous,
+            rag.shard_size, pool, window=2 * workers,
+        )  # fmt: skip
     embed_s = round(time.perf_counter() - t0, 3)
     log.info("rag: %d chunks, %d embedded, %d reused", len(chunks), embedded, reused)
 
+    vectors = np.load(out / EMBEDDINGS_FILE, mmap_mode="r")
     index, info = build_faiss(vectors, rag)
     faiss.write_index(index, str(out / INDEX_FILE))
     faultpoint.reached("rag:index-written")  # embedded, half the files written
-    np.save(out / EMBEDDINGS_FILE, vectors)
+    del index, vectors
     write_chunks(out / CHUNKS_FILE, chunks)
     build_bm25([c.passage for c in chunks]).save(str(out / BM25_DIR), show_progress=False)
 
@@ -283,6 +245,7 @@ def build_rag(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
         "index": info,
         "reused_from": previous[0].key if previous else None,
         "embed_s": embed_s,  # reuse lookup + embedding (benchmarks/rag_incremental.py)
+        "embedding": {"engine": rag.engine, "workers": workers, "shard_size": rag.shard_size},
         "skipped": skipped,
         "protocol": protocol,
     }

@@ -84,6 +84,36 @@ class RagConfig(Section):
     hnsw_ef_search: int = Field(128, ge=8)
     ivf_nlist: int | None = Field(None, gt=0, description="Default: about 4*sqrt(n).")
     pq_m: int = Field(16, gt=0)
+    ivf_train_size: int = Field(
+        50_000,
+        ge=1_000,
+        description="IVF-PQ: k-means and PQ train on a seeded sample of this "
+        "many vectors (memory: sample + one shard, not the corpus).",
+    )
+    ivf_recall: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="IVF-PQ: the smallest nprobe whose recall@10 against exact "
+        "search (1k sampled chunks as queries) reaches this; the manifest records both.",
+    )
+    engine: Literal["local", "dask"] = Field(
+        "local",
+        description="Where shards of chunks are embedded: local processes, or Dask workers "
+        "(compute.dask_address, else a LocalCluster of `workers` processes). Not in the key.",
+    )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        description="Embedding processes; null = one per core (at most 8) when "
+        "there are more than two shards, else 1. Not in the key.",
+    )
+    shard_size: int = Field(
+        20_000,
+        ge=1,
+        description="Chunks per embedding shard, each written to the artifact as "
+        "it finishes. Not in the key: vectors agree to float rounding (batches pad differently).",
+    )
     mode: Literal["dense", "bm25", "hybrid"] = "hybrid"
     top_k: int = Field(5, gt=0)
     rrf_k: int = Field(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import math
 import re
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
@@ -29,6 +28,9 @@ from fasttrack.lib.embedder import Embedder, resolve_embedder  # moved there; im
 
 IndexType = Literal["flat", "hnsw", "ivfpq"]
 FLAT_MAX, HNSW_MAX = 50_000, 1_000_000  # `index: auto` thresholds (number of chunks)
+IVF_SEED = (
+    1234  # k-means / PQ training sample and seeds: fixed, so the index is a function of the vectors
+)
 _SNAP_TOKENS = 16  # how far a cut may move back to land between words
 
 _ATX = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)[ \t#]*$")
@@ -171,19 +173,15 @@ def build_faiss(vectors: np.ndarray, rag: RagConfig) -> tuple[Any, dict[str, Any
         index.hnsw.efSearch = rag.hnsw_ef_search
         info |= {"m": rag.hnsw_m, "ef_construction": rag.hnsw_ef_construction,
                  "ef_search": rag.hnsw_ef_search}  # fmt: skip
-    else:
-        # k-means needs >= nlist points (and PQ >= 2**nbits), so tiny corpora get fewer cells
-        # and smaller codebooks instead of a crash; pq_m must divide the dimension.
-        nlist = min(rag.ivf_nlist or round(4 * math.sqrt(n)), max(1, n // 39))
-        nbits = max(1, min(8, int(math.log2(max(n, 2)))))
-        pq_m = max(m for m in range(1, min(rag.pq_m, d) + 1) if d % m == 0)
-        index = faiss.IndexIVFPQ(
-            faiss.IndexFlatIP(d), d, nlist, pq_m, nbits, faiss.METRIC_INNER_PRODUCT
+    else:  # trained on a sample, filled shard by shard: memory ~ index + one shard
+        from fasttrack.lib.ann_index import build_ivfpq
+
+        index, params = build_ivfpq(
+            vectors, rag.ivf_nlist, rag.pq_m, rag.ivf_train_size, rag.ivf_recall, IVF_SEED
         )
-        index.train(vectors)
-        index.nprobe = min(nlist, max(16, nlist // 64))
-        info |= {"nlist": nlist, "pq_m": pq_m, "nbits": nbits, "nprobe": index.nprobe}
-    index.add(vectors)
+        return index, info | params
+    for start in range(0, n, 50_000):  # a memmap is read block by block
+        index.add(np.ascontiguousarray(vectors[start : start + 50_000], dtype=np.float32))
     return index, info
 
 
@@ -257,6 +255,12 @@ class Retriever:
         self.index = faiss.read_index(str(path / INDEX_FILE))
         if isinstance(self.index, faiss.IndexHNSW):
             self.index.hnsw.efSearch = rag.hnsw_ef_search  # a query-time knob
+        # IVF-PQ scores are lossy: its candidates are re-scored on the (memory-mapped) vectors
+        self._exact = (
+            np.load(path / EMBEDDINGS_FILE, mmap_mode="r")
+            if isinstance(self.index, faiss.IndexIVF)
+            else None
+        )
         self.chunks: dict[str, list] = pq.read_table(path / CHUNKS_FILE).to_pydict()
         self.bm25 = _bm25s().BM25.load(str(path / BM25_DIR), show_progress=False)
         self._warned_k = False
@@ -300,9 +304,13 @@ class Retriever:
         n, out = len(self), {}
         wide = min(n, max(depth, RRF_DEPTH) if "hybrid" in modes else depth)
         if {"dense", "hybrid"} & set(modes):
-            scores, ids = self.index.search(
-                self.embedder.encode(queries, self.rag.batch_size), wide
-            )
+            vecs = self.embedder.encode(queries, self.rag.batch_size)
+            if self._exact is not None:
+                from fasttrack.lib.ann_index import search
+
+                scores, ids = search(self.index, self._exact, vecs, wide)
+            else:
+                scores, ids = self.index.search(vecs, wide)
             out["dense"] = [
                 [(int(i), float(s)) for i, s in zip(row_i, row_s, strict=True) if i >= 0]
                 for row_i, row_s in zip(ids, scores, strict=True)

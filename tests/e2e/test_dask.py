@@ -64,3 +64,26 @@ def test_data_stage_on_a_dask_cluster_equals_the_local_run(tmp_path, monkeypatch
     assert _digests(ref_dask.uri) == _digests(ref_local.uri)
     manifest = json.loads((Path(ref_dask.uri) / "manifest.json").read_text())
     assert (manifest["engine"], manifest["workers"]) == ("dask", 2)
+
+
+def test_rag_embedding_on_a_dask_cluster_equals_the_local_run(tmp_path):
+    """RAG shards of 4 chunks embedded by a 2-worker LocalCluster: the same key and chunks as
+    the in-process build, vectors equal to float rounding, the schedule in the manifest."""
+    pytest.importorskip("distributed")
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from tasks.rag import build_index
+    from tests.unit.test_rag import DOCS, _cfg, _write_docs
+
+    docs = str(_write_docs(tmp_path / "docs", DOCS))
+    kw = {"documents": docs, "chunk": {"size_tokens": 32, "overlap_tokens": 8}, "index": "flat"}
+    local = build_index(_cfg(tmp_path, "s1", **kw))
+    on_dask = build_index(_cfg(tmp_path, "s2", engine="dask", workers=2, shard_size=4, **kw))
+    assert on_dask.key == local.key and not on_dask.reused
+    a, b = Path(local.uri), Path(on_dask.uri)
+    assert pq.read_table(a / "chunks.parquet").equals(pq.read_table(b / "chunks.parquet"))
+    va, vb = np.load(a / "embeddings.npy"), np.load(b / "embeddings.npy")
+    assert va.shape == vb.shape and ((va * vb).sum(1)).min() > 0.999  # unit rows: cosine
+    manifest = json.loads((b / "manifest.json").read_text())
+    assert manifest["embedding"] == {"engine": "dask", "workers": 2, "shard_size": 4}
