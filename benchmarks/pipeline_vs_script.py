@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "pipeline_configs" / "tiny-cpu.yaml"
 QUICK = [  # a smoke test: every stage runs, a few steps each
     "pretrain.max_steps=6", "pretrain.eval_steps=3", "sft.max_steps=4", "sft.eval_steps=2",
-    "dpo.max_steps=2", "dpo.eval_steps=2",
+    "dpo.max_steps=2", "dpo.eval_steps=2", "sft.logging_steps=2",  # TRL logs num_tokens
 ]  # fmt: skip
 QUICK_STAGES = "data,pretrain,sft,dpo,rag"
 STAGE_STEPS = {  # benchmark stage -> the pipeline steps it covers
