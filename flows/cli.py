@@ -79,9 +79,11 @@ def run(
         _fail(exc)
     if not verbose:
         _quiet_prefect_tracebacks()
+    from fasttrack.lib.training import prestart_children
     from flows.prefect_server import use_local_api
     from flows.progress_view import training_progress
 
+    prestart_children(cfg, params.stages)  # a fresh store: its imports overlap the API start
     try:
         with use_local_api(), training_progress(err):
             summary = pipeline(params)

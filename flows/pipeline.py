@@ -11,7 +11,7 @@ import sys
 from prefect import flow
 from pydantic import BaseModel, Field
 
-from fasttrack.core.compute import eval_runner, rag_in_parallel
+from fasttrack.core.compute import eval_runner, eval_threads, rag_in_parallel
 from fasttrack.core.config import STAGES, RunConfig
 from fasttrack.core.config_loader import load_config
 from fasttrack.core.store import ArtifactRef, ArtifactStore
@@ -21,6 +21,7 @@ from fasttrack.lib.gates import enforce_gates
 from fasttrack.lib.preflight import preflight
 from fasttrack.lib.tables import metrics_table, publish_table, retrieval_table
 from fasttrack.lib.tracking import Tracker, tracked
+from fasttrack.lib.training import prestart_children
 from flows.runner import RunSummary, StepRunner
 from flows.steps import STEPS, check_names
 from tasks.base import base_task
@@ -93,6 +94,8 @@ def _steps(
     report = None
 
     data = run(data_task, cfg)
+    if run.steps[-1].status == "executed":  # new data: every training step will run
+        prestart_children(cfg, wanted, cold=True)
     parallel = rag_in_parallel(cfg.compute)  # alongside training only where cores allow
     index = run.submit(rag_task, cfg, data) if "rag" in wanted and parallel else None
     if wanted - {"data", "rag"}:  # base, [pack, pretrain], sft, [dpo_ref, dpo]
@@ -103,7 +106,8 @@ def _steps(
     table, exports = [], []
     if "evaluate" in wanted:
         models = trained_models(cfg, data, models)
-        with eval_runner(cfg.compute) as runner:  # threads, or Dask workers (compute.*)
+        # threads (the cores split between them), or Dask workers (compute.*)
+        with eval_runner(cfg.compute) as runner, eval_threads(cfg.compute):
             pending = {
                 m: run.submit(evaluate_task, cfg, ref, data, label=f"evaluate:{m}", runner=runner)
                 for m, ref in models.items()

@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -101,6 +103,34 @@ def eval_runner(compute: ComputeConfig) -> Any:
     from prefect.task_runners import ThreadPoolTaskRunner
 
     return ThreadPoolTaskRunner(max_workers=compute.eval_workers)
+
+
+def threads_per_worker(compute: ComputeConfig) -> int | None:
+    """Torch threads each evaluation thread gets when several share this process: the CPUs
+    split between them (None: one evaluation at a time, or Dask processes, keep the default)."""
+    if compute.task_runner != "thread" or compute.eval_workers <= 1:
+        return None
+    return max(1, cpu_count() // compute.eval_workers)
+
+
+@contextmanager
+def eval_threads(compute: ComputeConfig) -> Iterator[None]:
+    """Partition torch's intra-op threads between concurrent evaluation threads, so that
+    `eval_workers` evaluations side by side use the cores once instead of each spawning one
+    OpenMP thread per core (oversubscribed). The setting is process-wide, so it is restored
+    afterwards."""
+    budget = threads_per_worker(compute)
+    if budget is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(budget)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def free_port() -> int:

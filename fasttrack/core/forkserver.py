@@ -71,6 +71,15 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def prestart() -> None:
+    """Start the zygote now, without waiting for its ~20 s of imports: called where a run is
+    known to train, so the imports overlap the Prefect API start and the data steps instead of
+    delaying the first training stage. Call it from the main thread: PR_SET_PDEATHSIG ties the
+    zygote to the thread that started it, and a worker thread may end before the run does."""
+    if enabled():
+        Zygote.get(wait=False)
+
+
 class ZygoteChild:
     """A forked child as `run_isolated` uses a Popen: pid, poll(), wait(timeout), returncode."""
 
@@ -111,18 +120,29 @@ class Zygote:
             stdout=subprocess.PIPE,
             preexec_fn=set_pdeathsig,  # dies with this process
         )
-        ready = self.proc.stdout.readline() if self.proc.stdout else b""  # after the preload
-        if ready.strip() != b"ready":
-            raise RuntimeError(f"the training fork server did not start (exit {self.proc.poll()})")
+        self.ready = False  # its preload runs on while the caller goes on (`prestart`)
+
+    def wait_ready(self) -> None:
+        """Block until the zygote has imported the libraries and listens."""
+        if not self.ready:
+            ready = self.proc.stdout.readline() if self.proc.stdout else b""  # after the preload
+            if ready.strip() != b"ready":
+                code = self.proc.poll()
+                raise RuntimeError(f"the training fork server did not start (exit {code})")
+            self.ready = True
 
     @classmethod
-    def get(cls) -> Zygote:
+    def get(cls, wait: bool = True) -> Zygote:
+        """The live zygote of this process (started if there is none); `wait=False` returns
+        while it is still importing, so the imports overlap the caller's own work."""
         with cls._lock:
             old = cls._instance
             if old is None or old.proc.poll() is not None or old.env != import_env():
                 if old is not None:
                     old.close()
                 cls._instance = Zygote()
+            if wait:
+                cls._instance.wait_ready()
             return cls._instance
 
     def close(self) -> None:

@@ -33,3 +33,20 @@ def test_auto_follows_the_cpu_count() -> None:
 def test_unknown_mode_is_rejected_by_name() -> None:
     with pytest.raises(ValidationError, match="rag_concurrency"):
         ComputeConfig(rag_concurrency="sometimes")
+
+
+def test_concurrent_evaluations_split_the_cores_and_restore_the_setting() -> None:
+    """eval_workers threads share one process: each gets cores / workers torch threads (not
+    one OpenMP thread per core each), and the process-wide setting comes back afterwards."""
+    import torch
+
+    from fasttrack.core.compute import eval_threads, threads_per_worker
+
+    before = torch.get_num_threads()
+    two = ComputeConfig(eval_workers=2)
+    with eval_threads(two):
+        assert torch.get_num_threads() == max(1, cpu_count() // 2) == threads_per_worker(two)
+    assert torch.get_num_threads() == before
+    for alone in (ComputeConfig(), ComputeConfig(eval_workers=2, task_runner="dask")):
+        with eval_threads(alone):  # one at a time, or separate processes: left as it is
+            assert torch.get_num_threads() == before

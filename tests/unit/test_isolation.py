@@ -178,3 +178,30 @@ def test_child_is_forked_from_the_preloaded_zygote_in_its_own_group(monkeypatch,
     monkeypatch.setenv("FASTTRACK_FORKSERVER", "1")
     monkeypatch.chdir(tmp_path)  # the child works where the parent does, not the zygote
     assert run_isolated(preloaded, stage="t")["cwd"] == str(tmp_path)
+
+
+def test_prestarted_zygote_is_the_one_children_fork_from(tmp_path):
+    """`prestart_children` on a fresh store starts the fork server without waiting for it; the
+    first isolated child then forks from that very zygote (not a replacement started because
+    its environment differs). A store with artifacts, or no isolation, starts nothing."""
+    from fasttrack.core.config_loader import load_config
+    from fasttrack.core.forkserver import Zygote
+    from fasttrack.lib.training import prestart_children
+
+    cfg = load_config(None, [f"store={tmp_path / 'store'}"])
+    before = Zygote._instance  # an earlier test's zygote is reused, as a run reuses its own
+    assert not prestart_children(cfg, ["data", "rag"])  # nothing to train
+    assert not prestart_children(cfg.model_copy(update={"compute": cfg.compute.model_copy(
+        update={"isolate": False})}), ["pretrain"])  # fmt: skip
+    assert Zygote._instance is before
+    assert prestart_children(cfg, ["data", "pretrain"])
+    started = Zygote._instance
+    assert started is not None
+    if before is None:
+        assert not started.ready  # returned before the imports finished
+    child = run_isolated(preloaded, stage="t")
+    assert child["torch"] and child["ppid"] == started.proc.pid and Zygote._instance is started
+
+    (tmp_path / "store" / "data" / "k").mkdir(parents=True)
+    (tmp_path / "store" / "data" / "k" / "manifest.json").write_text("{}")
+    assert not prestart_children(cfg, ["pretrain"])  # may be cached: no imports paid for it
