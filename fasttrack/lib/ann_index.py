@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 RERANK = 4  # PQ candidates per wanted hit that are re-scored exactly
+PLATEAU = 0.002  # recall gain below which doubling nprobe stops (it only costs latency)
 TUNE_QUERIES, TUNE_K = 1000, 10
 _BLOCK = 50_000  # rows per shard-wise add
 _SCAN = 10_000  # rows per step of an exact scan
@@ -59,13 +60,18 @@ def build_ivfpq(
     queries = np.ascontiguousarray(vectors[sample_rows(n, TUNE_QUERIES, seed + 1)], np.float32)
     k = min(TUNE_K, n)
     exact = exact_search(vectors, queries, k)[1]
-    nprobe, got = 1, 0.0
+    nprobe, got, best = 1, 0.0, (1, -1.0)
     while True:
         index.nprobe = nprobe
         got = recall_at(search(index, vectors, queries, k)[1], exact)
         if got >= recall or nprobe >= nlist:
             break
+        if got <= best[1] + PLATEAU:  # more cells no longer help: PQ error is the limit now
+            nprobe, got = best
+            break
+        best = (nprobe, got)
         nprobe = min(2 * nprobe, nlist)
+    index.nprobe = nprobe
     info = {
         "nlist": nlist, "pq_m": pq_m, "nbits": nbits, "nprobe": nprobe, "rerank": RERANK,
         "train_rows": len(train), "tune_queries": len(queries), f"recall@{TUNE_K}": round(got, 4),
