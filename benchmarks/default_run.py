@@ -113,6 +113,10 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{out}: run {run_s}s (exit {run.returncode}), ask {ask_s}s; load {load_before[0]:.1f}"
           f" -> {load_after[0]:.1f}")  # fmt: skip
+    sys.path.insert(0, str(ROOT))
+    from flows.prefect_server import stop_server
+
+    stop_server(tmp / "ph")  # the background Prefect API the run started on this PREFECT_HOME
     if not a.store:
         shutil.rmtree(tmp, ignore_errors=True)
 
