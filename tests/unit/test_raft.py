@@ -116,7 +116,8 @@ def test_rag_context_and_its_chunking_are_in_sfts_key() -> None:
     ref = ArtifactRef(stage="base", key="0" * 64, uri="/nowhere")
 
     def key(*overrides: str) -> str:
-        return sft_spec(load_config(None, list(overrides)), ref, ref).key
+        raft_on = ["sft.rag_context={k: 3, distractors: 2, p_oracle: 0.8}"]
+        return sft_spec(load_config(None, raft_on + list(overrides)), ref, ref).key
 
     raft, plain = key(), key("sft.rag_context=null")
     assert raft != plain
