@@ -24,6 +24,7 @@ from fasttrack.lib.evalstats import (
     SCORES_FILE,
     Scores,
     bleu_rows,
+    bootstrap_of,
     intervals,
     retrieval_table,
     table,
@@ -32,7 +33,6 @@ from fasttrack.lib.generate import generate
 from fasttrack.lib.models import load_model, max_positions, pick_device
 from fasttrack.lib.perplexity import per_document, strided_perplexity, token_documents
 from fasttrack.lib.scoring import preference_margins, preference_summary, score_answers
-from fasttrack.lib.stats import Bootstrap
 from fasttrack.lib.textmetrics import ROUGE_TYPES, bleu, rouge_rows
 
 # 2: row counts of each metric (small samples are flagged)
@@ -58,11 +58,6 @@ def eval_spec(
         inputs["lm_eval_tasks"] = tasks_hash(cfg.evaluate.lm_eval.include_path)
         config["lm_eval"]["seed"] = cfg.seed
     return STAGE.spec(config, upstream=upstream, inputs=inputs)
-
-
-def bootstrap_of(cfg: RunConfig) -> Bootstrap:
-    b = cfg.evaluate.bootstrap
-    return Bootstrap(resamples=b.resamples, seed=b.seed, level=b.level)
 
 
 def answer_metrics(
