@@ -16,8 +16,10 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-# (path, size, mtime_ns, inode, ctime_ns) -> sha256 of an input file hashed for a stage key
-_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
+# resolved path -> ((size, mtime_ns, inode, ctime_ns), sha256) of an input file hashed for a
+# stage key: one entry per path, replaced when the file changes, so a long-lived process (a
+# server, a sweep) holds as many entries as it has distinct inputs, not one per version seen
+_DIGESTS: dict[str, tuple[tuple[int, int, int, int], str]] = {}
 
 
 def input_digest(path: str | Path) -> str:
@@ -27,7 +29,11 @@ def input_digest(path: str | Path) -> str:
     cached run's own work. Any write changes size, mtime_ns or ctime_ns; a replaced file changes
     the inode. Artifact integrity checks never use this (they must re-read the bytes)."""
     st = Path(path).stat()
-    stamp = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-    if (digest := _DIGESTS.get(stamp)) is None:
-        digest = _DIGESTS[stamp] = sha256_file(path)
+    stamp = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    key = str(Path(path).resolve())
+    seen = _DIGESTS.get(key)
+    if seen is not None and seen[0] == stamp:
+        return seen[1]
+    digest = sha256_file(path)
+    _DIGESTS[key] = (stamp, digest)
     return digest

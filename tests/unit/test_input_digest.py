@@ -69,3 +69,14 @@ def test_a_key_is_computed_without_rereading_unchanged_sources(tmp_path: Path, m
     assert content_hash(src) == first and reads == [f]
     f.write_text('{"text": "one two four"}\n')
     assert content_hash(src) != first and reads == [f, f]
+
+
+def test_the_memo_holds_one_entry_per_path(tmp_path: Path) -> None:
+    """A long-lived process (server, sweep) re-hashing an edited file keeps one entry for it,
+    not one per version it has seen."""
+    f = tmp_path / "corpus.txt"
+    for i in range(5):
+        f.write_bytes(b"x" * (i + 1))
+        input_digest(f)
+    assert [k for k in files._DIGESTS if k == str(f.resolve())] == [str(f.resolve())]
+    assert sum(str(tmp_path) in str(k) for k in files._DIGESTS) == 1
