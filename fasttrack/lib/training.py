@@ -177,7 +177,7 @@ def run_trainer(
         trainer.args.eval_on_start = True
     with disk_full_is_oserror(work, out):
         result = trainer.train(resume_from_checkpoint=resume)
-        final_eval = trainer.evaluate() if trainer.eval_dataset is not None else {}
+        final_eval = final_evaluation(trainer)
         sharding = shard_report(trainer.model)  # FSDP2: this rank's share of the parameters
         trainer.save_model(str(out))  # collective under FSDP (gathers the full state dict)
     extra = after(trainer.model) if after else {}
@@ -207,6 +207,23 @@ def run_trainer(
         if name.startswith("eval_rewards/") and isinstance(value, int | float):
             metrics[name.removeprefix("eval_")] = round(value, 5)
     return metrics
+
+
+def final_evaluation(trainer: Any) -> dict[str, Any]:
+    """The trained model's eval metrics: the in-loop evaluation of the last step when the
+    schedule already ran one there (eval_steps divides max_steps), else a fresh evaluate().
+    Evaluating the same weights twice cost a full validation pass per training stage. Every
+    rank sees the same history and step, so under DDP/FSDP all take the same branch (the
+    evaluate() collective stays matched)."""
+    if trainer.eval_dataset is None:
+        return {}
+    step = trainer.state.global_step
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry:
+            if entry.get("step") == step:
+                return {k: v for k, v in entry.items() if k.startswith("eval_")}
+            break
+    return trainer.evaluate()
 
 
 GUARD_FIELDS = {"nan_policy", "max_skipped_steps"}  # fasttrack/lib/guards.py

@@ -25,8 +25,11 @@ class Snapshots:
         }
 
 
-def _trainer(tmp_path: Path, section: TrainingConfig, poison_steps: set[int], grads=False):
-    """A 1-layer Llama on random blocks; the loss (or the gradients) of `poison_steps` is NaN."""
+def _trainer(
+    tmp_path: Path, section: TrainingConfig, poison_steps: set[int], grads=False, evals=False
+):
+    """A 1-layer Llama on random blocks; the loss (or the gradients) of `poison_steps` is NaN.
+    `evals`: with 16 held-out random blocks, evaluated every `section.eval_steps`."""
     import datasets
     from transformers import (
         LlamaConfig,
@@ -45,11 +48,15 @@ def _trainer(tmp_path: Path, section: TrainingConfig, poison_steps: set[int], gr
     train = datasets.Dataset.from_dict(
         {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
     )
+    held_out = train.select(range(16)) if evals else None
     args = TrainingArguments(
-        **trainer_kwargs(section, tmp_path / "work", seed=0, has_eval=False),
+        **trainer_kwargs(section, tmp_path / "work", seed=0, has_eval=evals),
         remove_unused_columns=False,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate_blocks)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train, eval_dataset=held_out,
+        data_collator=collate_blocks,
+    )  # fmt: skip
     original = trainer.compute_loss
 
     def poisoned(model, inputs, *a, **kw):
@@ -136,3 +143,31 @@ def test_verdict_is_collective_and_reads_sharded_gradients(tmp_path: Path) -> No
     assert r0["across_ranks"] is False and r1["across_ranks"] is False  # one verdict
     assert r0["finite_across"] is True and r1["finite_across"] is True
     assert r0["loss_grads"] == r1["loss_grads"] == [False, True]
+
+
+def _counted(trainer) -> tuple[list[int], object]:
+    calls: list[int] = []
+    real = trainer.evaluate
+    trainer.evaluate = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    return calls, real
+
+
+@pytest.mark.parametrize(("eval_steps", "passes"), [(2, 3), (3, 2), (4, 2)])
+def test_the_last_steps_evaluation_is_not_run_twice(tmp_path, eval_steps, passes) -> None:
+    """6 steps evaluated every 2, 3 or 4 (the Trainer also evaluates the last step): that
+    in-loop pass at step 6 is the final one, not followed by a second pass over the same
+    weights; eval_loss is the trained model's."""
+    trainer, _ = _trainer(tmp_path, _section(eval_steps=eval_steps), set(), evals=True)
+    calls, real = _counted(trainer)
+    metrics = run_trainer(trainer, "pretrain", tmp_path / "work", tmp_path / "out")
+    assert len(calls) == passes
+    assert metrics["eval_loss"] == round(real()["eval_loss"], 5)
+
+
+def test_a_final_evaluation_runs_when_the_loop_did_not_evaluate_the_last_step(tmp_path) -> None:
+    trainer, _ = _trainer(tmp_path, _section(eval_steps=2), set(), evals=True)
+    trainer.args.eval_strategy = "no"  # held-out data, but no in-loop evaluation
+    calls, real = _counted(trainer)
+    metrics = run_trainer(trainer, "pretrain", tmp_path / "work", tmp_path / "out")
+    assert len(calls) == 1
+    assert metrics["eval_loss"] == round(real()["eval_loss"], 5)
