@@ -2,6 +2,7 @@
 
     python benchmarks/data_scale.py [--sizes 10 100] [--label LABEL] [--workers N]
     python benchmarks/data_scale.py --sizes 100 1000 --label quiet   # the 100 MB + 1 GB
+    python benchmarks/data_scale.py --sizes 100 1000 3000 --label quiet  # + 3 GB (~12 GB of /tmp)
 
 For each size (MB) it writes a corpus of unique 8-sentence documents plus a known share of
 planted duplicates (5% exact copies with case/whitespace changes, 5% near copies with one word
@@ -11,7 +12,9 @@ process. Reported: MB/s of JSONL (wall clock, and per CPU-second of the child an
 which a loaded machine distorts less), peak RSS of the busiest process (`ru_maxrss` of the child and
 its workers; the child's RSS right after its imports is reported too: prefect, pyarrow etc.
 cost a fixed ~0.7 GB) and of the whole process tree (psutil, sampled every 0.1 s), and the exact and
-near duplicates dropped vs planted (precision/recall). Every doc carries an `id` that says what
+near duplicates dropped vs planted (precision/recall); with two or more sizes, the peak RSS
+growth per extra row between the two largest (flat memory: ~0 beyond the fixed working set).
+Every doc carries an `id` that says what
 it is, so the ids missing from the output are the rows dropped.
 
 The machine is shared: the 1-minute load average before and after each run is recorded in

@@ -3,12 +3,13 @@
 Per batch (in a worker process when `workers > 1`): normalise, length and kind filters, the
 exact-dedup digest, the split rank and the MinHash signature of every surviving row
 (`process_batch`, a pure function of the rows: it is what runs on Dask workers too). In the
-main process, in input order: exact dedup (16-byte digests in sorted arrays, never the texts),
-greedy near dedup (`minhash.LshIndex`, signatures spilled to disk), and an append to a spool
-parquet file: ~0.22 KB of memory per kept row in all (was ~0.7 KB). At the end the split is
-decided from the ranks alone (8 bytes per kept row) exactly as `cleaning.split_records` does it,
-and the spool is streamed into `<kind>/<split>.parquet`. Nothing depends on the batch size or
-the worker count: results are a function of the rows and their order only.
+main process, in input order: the rows (with their split rank) are appended to a spool parquet
+file and their digests, band keys and signatures to the spilled dedup state (`dedup.Dedup`);
+nothing held in memory grows with the rows. At the end, dedup is decided partition by partition
+(one verdict byte per row), the split cut-offs are found from the spooled ranks exactly as
+`cleaning.split_records` ranks rows, and the spool is streamed into `<kind>/<split>.parquet`.
+Nothing depends on the batch size or the worker count: results are a function of the rows and
+their order only.
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ from fasttrack.lib.cleaning import (
     split_digest,
     split_sizes,
 )
+from fasttrack.lib.dedup import EXACT, KEEP, NEAR, Dedup
 from fasttrack.lib.jsonl_blocks import JsonlBlock, blocks_apply, jsonl_blocks
-from fasttrack.lib.minhash import LshIndex, band_keys, signatures
+from fasttrack.lib.minhash import band_keys, signatures
 from fasttrack.lib.sources import iter_source, row_chars
-from fasttrack.lib.spill import DigestSet
 
 SPLITS = ("train", "validation", "test")
 BATCH_CHARS = 4_000_000  # a batch closes at this many characters or BATCH_ROWS rows
@@ -60,6 +61,11 @@ SCHEMAS = {
 }
 Row = dict[str, Any]
 Work = list[Row] | JsonlBlock  # what one process_batch call cleans
+_RANK = "_rank"  # the split rank, a spool-only column
+
+
+def _spool_schema(kind: str) -> pa.Schema:
+    return SCHEMAS[kind].append(pa.field(_RANK, pa.uint64()))
 
 
 def text_of(kind: str) -> Callable[[Row], str]:
@@ -206,61 +212,111 @@ def ordered_map(
 
 @dataclass
 class KindState:
-    """The sequential state of one kind: stats, dedup sets, LSH index and the spool file."""
+    """The sequential state of one kind: stats, the spilled dedup state and the spool file.
+
+    Every row that passed the filters goes to the spool (with its split rank); dedup is decided
+    at the end (`dedup.Dedup`) and the split from the ranks read back: nothing in memory grows
+    with the rows except one verdict byte per row.
+    """
 
     kind: str
     opt: Options
     spool: Path
     stats: CleanStats = field(default_factory=CleanStats)
-    seen: DigestSet = field(default_factory=DigestSet)
-    ranks: list[np.ndarray] = field(default_factory=list)
-    lsh: LshIndex | None = None
+    dedup: Dedup | None = None
     writer: pq.ParquetWriter | None = None
+    verdict: np.ndarray | None = None
 
     def add(self, batch: Batch) -> None:
         self.stats.loaded += batch.loaded
         for reason, n in batch.dropped.items():
             self.stats.drop(reason, n)
-        keep = np.ones(batch.table.num_rows, bool)
+        if self.dedup is None:
+            c = self.opt.clean
+            self.dedup = Dedup(exact=c.exact_dedup, near=c.near_dedup, num_perm=c.num_perm,
+                               bands=self.opt.bands, threshold=c.near_dedup_threshold,
+                               folder=self.spool.parent)  # fmt: skip
+            self.writer = pq.ParquetWriter(self.spool, _spool_schema(self.kind))
+        assert self.writer is not None
+        self.dedup.add(batch.table.num_rows, batch.exact, batch.sigs, batch.keys)
+        self.writer.write_table(batch.table.append_column(_RANK, pa.array(batch.rank)))
+
+    def decide(self) -> int:
+        """Dedup verdicts for every row; records the drops; returns the rows kept."""
+        if self.dedup is None or self.writer is None:
+            return 0
+        self.writer.close()
+        self.verdict = self.dedup.decide()
+        counts = np.bincount(self.verdict, minlength=3)
         if self.opt.clean.exact_dedup:
-            for i, digest in enumerate(batch.exact):
-                keep[i] = self.seen.add_new(digest)
-            self.stats.drop("exact_duplicate", int((~keep).sum()))
-        if self.opt.clean.near_dedup and batch.sigs is not None:
-            if self.lsh is None:
-                c = self.opt.clean
-                self.lsh = LshIndex(c.num_perm, self.opt.bands, self.opt.rows,
-                                    c.near_dedup_threshold, self.spool.parent)  # fmt: skip
-            sub = np.nonzero(keep)[0]
-            near = self.lsh.filter(batch.sigs[sub], batch.keys[sub])
-            keep[sub[~near]] = False
-            self.stats.drop("near_duplicate", int((~near).sum()))
-        self.ranks.append(batch.rank[keep])
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.spool, SCHEMAS[self.kind])
-        self.writer.write_table(batch.table.filter(pa.array(keep)))
+            self.stats.drop("exact_duplicate", int(counts[EXACT]))
+        if self.opt.clean.near_dedup:
+            self.stats.drop("near_duplicate", int(counts[NEAR]))
+        self.stats.kept = int(counts[KEEP])
+        return self.stats.kept
+
+    def _ranks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(rank, row number) of the kept rows, spool batch by spool batch."""
+        assert self.verdict is not None
+        start = 0
+        for rb in pq.ParquetFile(self.spool, pre_buffer=False).iter_batches(
+            BATCH_ROWS, columns=[_RANK]
+        ):
+            rank = rb.column(0).to_numpy()
+            rows = np.arange(start, start + len(rank))
+            keep = self.verdict[start : start + len(rank)] == KEEP
+            start += len(rank)
+            yield rank[keep], rows[keep]
+
+    def _cuts(self, positions: list[int]) -> list[tuple[int, int] | None]:
+        """The (rank, row) at each position of the kept rows ranked by (rank, input order), as
+        `cleaning.split_records` ranks them: a histogram of the top 16 rank bits, then only the
+        rows of the buckets holding a position (two passes over the rank column)."""
+        hist = np.zeros(1 << 16, np.int64)
+        for rank, _ in self._ranks():
+            hist += np.bincount((rank >> np.uint64(48)).astype(np.int64), minlength=1 << 16)
+        cum = np.cumsum(hist)
+        want = {k: int(np.searchsorted(cum, k, "right")) for k in positions if k < cum[-1]}
+        found: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {b: [] for b in want.values()}
+        for rank, rows in self._ranks():
+            top = rank >> np.uint64(48)
+            for b, parts in found.items():
+                sel = top == b
+                parts.append((rank[sel], rows[sel]))
+        out: list[tuple[int, int] | None] = []
+        for k in positions:
+            if k not in want:
+                out.append(None)  # past the end: every row is before it
+                continue
+            b = want[k]
+            rank = np.concatenate([r for r, _ in found[b]])
+            rows = np.concatenate([w for _, w in found[b]])
+            at = np.lexsort((rows, rank))[k - (cum[b] - hist[b])]
+            out.append((int(rank[at]), int(rows[at])))
+        return out
 
     def finish(self, folder: Path) -> dict[str, int]:
         """Split the kept rows (rank order, as `split_records`) into `<folder>/<split>.parquet`."""
-        assert self.writer is not None
-        self.writer.close()
-        if self.lsh is not None:
-            self.lsh.close()
-        rank = np.concatenate(self.ranks) if self.ranks else np.empty(0, np.uint64)
-        n = len(rank)
-        self.stats.kept = n
+        assert self.verdict is not None
+        n = self.stats.kept
         n_test, n_val = split_sizes(n, validation=self.opt.validation, test=self.opt.test)
-        order = np.lexsort((np.arange(n), rank))  # ties (equal texts) in input order
-        label = np.zeros(n, np.int8)  # 0 train, 1 validation, 2 test
-        label[order[:n_test]] = 2
-        label[order[n_test : n_test + n_val]] = 1
+        cuts = self._cuts([n_test, n_test + n_val])
         counts = {s: 0 for s in SPLITS}
         writers = {s: pq.ParquetWriter(folder / f"{s}.parquet", SCHEMAS[self.kind]) for s in SPLITS}
         start = 0
-        for rb in pq.ParquetFile(self.spool).iter_batches(batch_size=BATCH_ROWS):
-            part = pa.Table.from_batches([rb])
-            lab = pa.array(label[start : start + rb.num_rows])
+        # pre_buffer=False: with it, iter_batches keeps every row group it has read (Arrow's
+        # read cache), ~1 KB per row of a 300 MB spool: the last memory that grew with the rows
+        for rb in pq.ParquetFile(self.spool, pre_buffer=False).iter_batches(batch_size=BATCH_ROWS):
+            keep = self.verdict[start : start + rb.num_rows] == KEEP
+            rows = np.arange(start, start + rb.num_rows)[keep]
             start += rb.num_rows
+            part = pa.Table.from_batches([rb]).filter(pa.array(keep))
+            rank = part.column(_RANK).to_numpy()
+            before = [_before(rank, rows, cut) for cut in cuts]
+            label = before[1].astype(np.int8)  # 0 train, 1 validation, 2 test
+            label[before[0]] = 2
+            part = part.drop_columns([_RANK])
+            lab = pa.array(label)
             for code, name in enumerate(SPLITS):
                 sub = part.filter(pc.equal(lab, code))
                 counts[name] += sub.num_rows
@@ -269,6 +325,14 @@ class KindState:
             w.close()
         self.spool.unlink()
         return counts
+
+
+def _before(rank: np.ndarray, rows: np.ndarray, cut: tuple[int, int] | None) -> np.ndarray:
+    """Rows ranked before `cut` by (rank, row number)."""
+    if cut is None:
+        return np.ones(len(rank), bool)
+    r, w = np.uint64(cut[0]), cut[1]
+    return (rank < r) | ((rank == r) & (rows < w))
 
 
 def default_workers(total_bytes: int) -> int:
@@ -301,7 +365,7 @@ def prepare(
         states[batch.kind].add(batch)
     result = {}
     for kind, state in sorted(states.items()):
-        if not sum(len(r) for r in state.ranks):
+        if not state.decide():
             raise DataError(
                 f"data: the {kind} dataset is empty after cleaning: {state.stats.describe_empty()}"
             )

@@ -9,7 +9,9 @@ the signatures kept to verify candidates are spilled to an unlinked temporary fi
 (`spill.SignatureSpill`), so the index costs ~0.2 KB of memory per kept row (16 bands at
 the default threshold 0.85).
 The semantics are those of `cleaning.near_dedup`: greedy in input order, a row is dropped when
-the estimated Jaccard with an earlier *kept* row is >= threshold.
+the estimated Jaccard with an earlier *kept* row is >= threshold. The data stage decides the
+same thing after the stream from spilled state (`dedup.Dedup`, flat memory); `LshIndex` is the
+in-order reference it is tested against (tests/unit/test_dedup.py).
 """
 
 from __future__ import annotations

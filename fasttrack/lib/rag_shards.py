@@ -72,7 +72,9 @@ def _old_rows(store: ArtifactStore, previous: tuple[ArtifactRef, dict], dim: int
         )
     old: dict[str, int] = {}
     row = 0
-    for batch in pq.ParquetFile(path / CHUNKS_FILE).iter_batches(columns=["title", "text"]):
+    for batch in pq.ParquetFile(path / CHUNKS_FILE, pre_buffer=False).iter_batches(
+        columns=["title", "text"]
+    ):
         t = batch.to_pydict()
         for title, text in zip(t["title"], t["text"], strict=True):
             old.setdefault(passage_hash(Chunk("", title, "", 0, 0, text, "").passage), row)

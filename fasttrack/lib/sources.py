@@ -219,7 +219,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, Row]]:
 
     i = 0
     try:  # record batches: a large file is never all in memory
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=4096):
             for row in batch.to_pylist():
                 yield f"{path}: row {i}", row
                 i += 1

@@ -1,11 +1,9 @@
-"""Dedup state that does not grow in memory with the corpus: spilled signatures, packed digests.
+"""MinHash signatures spilled to disk, so the dedup state does not grow in memory with the corpus.
 
-Why: the data stage's main process held every kept row's MinHash signature (4 bytes x num_perm,
-~0.5 KB) and every exact digest as a Python `bytes` in a set (~90 bytes with the set slot), so
-its RSS grew ~0.7 KB per kept row. Signatures are only read back to verify LSH candidates (a
-few per cent of rows), so they live in an unlinked temporary file (nothing left behind even
-under SIGKILL) and are read with `os.pread`; digests live in sorted fixed-width numpy arrays
-(16 bytes per row) with a small recent set in front.
+Why: a signature is 4 bytes x num_perm (~0.5 KB) per row, and it is only read back to verify
+LSH candidates (a few per cent of rows), so it lives in an unlinked temporary file (nothing left
+behind even under SIGKILL) and is read with `os.pread`. Used by `dedup.Dedup` (the data stage)
+and `minhash.LshIndex` (the in-order reference the spilled dedup is tested against).
 """
 
 from __future__ import annotations
@@ -31,17 +29,24 @@ class SignatureSpill:
 
     def append(self, sig: np.ndarray) -> int:
         """Store one row; returns its index."""
-        idx = self.size
-        self.buffer[idx - self.flushed] = sig
-        self.size += 1
-        if self.size - self.flushed == self.chunk:
-            if self.file is not None:
-                self.file.write(self.buffer.tobytes())
-                self.file.flush()
-            else:
-                self.frozen.append(self.buffer.copy())
-            self.flushed = self.size
-        return idx
+        return self.extend(sig[None, :])
+
+    def extend(self, sigs: np.ndarray) -> int:
+        """Store rows (n, width); returns the index of the first."""
+        first = self.size
+        while len(sigs):
+            at = self.size - self.flushed
+            part, sigs = sigs[: self.chunk - at], sigs[self.chunk - at :]
+            self.buffer[at : at + len(part)] = part
+            self.size += len(part)
+            if self.size - self.flushed == self.chunk:
+                if self.file is not None:
+                    self.file.write(self.buffer.tobytes())
+                    self.file.flush()
+                else:
+                    self.frozen.append(self.buffer.copy())
+                self.flushed = self.size
+        return first
 
     def rows(self, ids: list[int]) -> np.ndarray:
         """(len(ids), width) rows by index."""
@@ -60,38 +65,3 @@ class SignatureSpill:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
-
-
-class DigestSet:
-    """A set of fixed-width byte strings: sorted numpy arrays plus a recent Python set.
-
-    `add_new` answers "was it there?" and adds it, exactly like `x in set; set.add(x)`; memory
-    is `width` bytes per member once the recent set (at most `recent` members) is merged.
-    """
-
-    def __init__(self, width: int = 16, recent: int = 1 << 16) -> None:
-        self.dtype = np.dtype(f"S{width}")
-        self.limit = recent
-        self.sorted = np.empty(0, self.dtype)
-        self.recent: set[bytes] = set()
-
-    def __len__(self) -> int:
-        return len(self.sorted) + len(self.recent)
-
-    def add_new(self, digest: bytes) -> bool:
-        """True when `digest` was not a member (it is one now)."""
-        if digest in self.recent or self._in_sorted(digest):
-            return False
-        self.recent.add(digest)
-        if len(self.recent) >= self.limit:
-            fresh = np.array(sorted(self.recent), self.dtype)
-            # a linear merge, not a re-sort: n / recent merges cost O(n^2 / recent) copying
-            self.sorted = np.insert(self.sorted, np.searchsorted(self.sorted, fresh), fresh)
-            self.recent = set()
-        return True
-
-    def _in_sorted(self, digest: bytes) -> bool:
-        if not len(self.sorted):
-            return False
-        i = int(np.searchsorted(self.sorted, digest))
-        return i < len(self.sorted) and self.sorted[i : i + 1].tobytes() == digest  # no S-strip

@@ -10,19 +10,7 @@ import pytest
 from fasttrack.lib import minhash
 from fasttrack.lib.cleaning import lsh_params
 from fasttrack.lib.minhash import LshIndex, band_keys
-from fasttrack.lib.spill import DigestSet, SignatureSpill
-
-
-def test_digest_set_behaves_like_a_set() -> None:
-    rng = random.Random(0)
-    pool = [rng.randbytes(16) for _ in range(300)]
-    pool += [b"\x00" * 16, b"ab" + b"\x00" * 14, b"ab" + b"\x00" * 13 + b"\x01"]  # trailing NULs
-    digests = [rng.choice(pool) for _ in range(2000)]
-    packed, plain = DigestSet(recent=7), set()
-    for d in digests:
-        assert packed.add_new(d) == (d not in plain)
-        plain.add(d)
-    assert len(packed) == len(plain)
+from fasttrack.lib.spill import SignatureSpill
 
 
 def test_spilled_signatures_read_back_exactly(tmp_path: Path) -> None:
@@ -32,6 +20,8 @@ def test_spilled_signatures_read_back_exactly(tmp_path: Path) -> None:
     ids = [0, 5, 6, 47, 49, 12]
     assert (spill.rows(ids) == sigs[ids]).all()
     assert list(tmp_path.iterdir()) == []  # unlinked: nothing left behind, even on SIGKILL
+    assert spill.extend(sigs[:13]) == 50  # in bulk, across chunk ends
+    assert (spill.rows([50, 55, 62]) == sigs[[0, 5, 12]]).all()
     spill.close()
 
 
@@ -62,12 +52,6 @@ def test_dedup_state_memory_per_row_is_small(
     # 16 bands x (8-byte key + 4-byte id) = 192 bytes; was ~0.7 KB with the signatures
     assert _grow(index, add_sigs, 20_000) < 250
     index.close()
-
-    def add_digests(seen: DigestSet, i: int) -> None:
-        for j in range(1000):
-            assert seen.add_new((i + j).to_bytes(16, "little"))
-
-    assert _grow(DigestSet(recent=1000), add_digests, 20_000) < 40
 
 
 def test_index_decisions_do_not_depend_on_spilling(
