@@ -7,6 +7,7 @@ later, paired row by row, without re-running a model:
     {"documents":  {"columns": ["nll", "tokens", "bytes"], "rows": [[...], ...]},   # perplexity
      "sft":        {"columns": ["nll", "tokens"], ...},                               # sft_loss
      "preference": {"columns": ["pref_accuracy", "pref_margin"], ...},  # won (0/1), margin
+                                                  # (nats per answer token, chosen - rejected)
      "generation": {"columns": ["rouge1", "rouge2", "rougeL", "rougeLsum"], ...},
      "bleu":       {"columns": ["sys_len", "ref_len", "correct_1".., "total_1"..], ...},
      "retrieval":  {"columns": ["recall@1", ...], ...}}                               # hit (0/1)
