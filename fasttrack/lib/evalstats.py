@@ -32,8 +32,10 @@ BLEU_COLUMNS = ["sys_len", "ref_len"] + [
     f"{k}_{n}" for k in ("correct", "total") for n in (1, 2, 3, 4)
 ]
 LOWER_IS_BETTER = {"perplexity", "bits_per_byte", "sft_loss"}
-# compared between consecutive stages in the report (recall@k only exists with RAG)
-VERDICT_METRICS = ("perplexity", "sft_loss", "rougeL", "bleu", "pref_accuracy")
+# compared between consecutive stages in the report (recall@k only exists with RAG).
+# pref_margin too: on a few dozen pairs a won/lost flag has little power once a model wins most
+# pairs (35 pairs, 5 lost: even winning all 5 back gives p ~ 0.06), a per-pair margin more.
+VERDICT_METRICS = ("perplexity", "sft_loss", "rougeL", "bleu", "pref_accuracy", "pref_margin")
 CHAIN = ("base", "pretrain", "sft", "dpo")  # report pairs consecutive models of this order
 
 
