@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="config override")
     parser.add_argument("--out", default="default_run", help="results file name (no .json)")
     parser.add_argument("--markdown", metavar="JSON", help="print a results file's README tables")
+    parser.add_argument("--label", help="how the machine was, e.g. quiet / loaded (recorded)")
     a = parser.parse_args()
     if a.markdown:
         print(markdown(json.loads(Path(a.markdown).read_text())))
@@ -87,6 +88,8 @@ def main() -> None:
     steps = [line for line in run.stdout.splitlines() if "executed" in line or "cached" in line]
     result = {
         "command": "fasttrack run" + "".join(f" --set {s}" for s in a.set),
+        "label": a.label,
+        "store": "reused" if a.store else "fresh",
         "run_seconds": run_s,
         "run_exit": run.returncode,
         "steps": steps,

@@ -38,7 +38,8 @@ from fasttrack.lib.training import (
 )
 
 REF = Stage("dpo_ref", "1")
-STAGE = Stage("dpo", "1", retries=1, retry_delay_seconds=5)
+# 2: its pref_accuracy(_sft) metrics are length-normalised (fasttrack/lib/scoring.py)
+STAGE = Stage("dpo", "2", retries=1, retry_delay_seconds=5)
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 

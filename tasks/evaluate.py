@@ -37,7 +37,8 @@ from fasttrack.lib.textmetrics import ROUGE_TYPES, bleu, rouge_rows
 
 # 2: row counts of each metric (small samples are flagged)
 # 3: per-row scores (scores.json) and bootstrap intervals (metrics["ci"])
-STAGE = Stage("evaluate", "3")
+# 4: preference accuracy and margin length-normalised (mean log-prob per answer token)
+STAGE = Stage("evaluate", "4")
 
 
 def eval_spec(

@@ -30,7 +30,8 @@ from fasttrack.lib.tables import (
     small_n_note,
 )
 
-STAGE = Stage("report", "3")  # 2: intervals and stage-to-stage verdicts; 3: retrieval intervals
+# 2: intervals and stage-to-stage verdicts; 3: retrieval intervals; 4: pref_margin verdicts
+STAGE = Stage("report", "4")
 REPORT_KEY = "fasttrack-report"
 TRAINING = ("pretrain", "sft", "dpo")
 

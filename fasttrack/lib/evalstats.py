@@ -7,6 +7,7 @@ later, paired row by row, without re-running a model:
     {"documents":  {"columns": ["nll", "tokens", "bytes"], "rows": [[...], ...]},   # perplexity
      "sft":        {"columns": ["nll", "tokens"], ...},                               # sft_loss
      "preference": {"columns": ["pref_accuracy", "pref_margin"], ...},  # won (0/1), margin
+                                                  # (nats per answer token, chosen - rejected)
      "generation": {"columns": ["rouge1", "rouge2", "rougeL", "rougeLsum"], ...},
      "bleu":       {"columns": ["sys_len", "ref_len", "correct_1".., "total_1"..], ...},
      "retrieval":  {"columns": ["recall@1", ...], ...}}                               # hit (0/1)
@@ -31,8 +32,10 @@ BLEU_COLUMNS = ["sys_len", "ref_len"] + [
     f"{k}_{n}" for k in ("correct", "total") for n in (1, 2, 3, 4)
 ]
 LOWER_IS_BETTER = {"perplexity", "bits_per_byte", "sft_loss"}
-# compared between consecutive stages in the report (recall@k only exists with RAG)
-VERDICT_METRICS = ("perplexity", "sft_loss", "rougeL", "bleu", "pref_accuracy")
+# compared between consecutive stages in the report (recall@k only exists with RAG).
+# pref_margin too: on a few dozen pairs a won/lost flag has little power once a model wins most
+# pairs (35 pairs, 5 lost: even winning all 5 back gives p ~ 0.06), a per-pair margin more.
+VERDICT_METRICS = ("perplexity", "sft_loss", "rougeL", "bleu", "pref_accuracy", "pref_margin")
 CHAIN = ("base", "pretrain", "sft", "dpo")  # report pairs consecutive models of this order
 
 

@@ -3,6 +3,18 @@
 One function scores every model the same way (prompt through the chat template with the
 generation prompt, answer = what the template renders after it, EOS included), so SFT loss and
 preference accuracy are comparable across base, pretrained, SFT and DPO models.
+
+Preference accuracy compares the *mean* log-prob per answer token (EOS included) of the chosen
+and the rejected answer, not their sums. A summed log-prob is a product of per-token
+probabilities, so it favours whichever answer is shorter: a truncated answer (a prefix of the
+chosen one) then always wins and one that repeats itself always loses, whatever the model
+learned (on the demo pairs every model scored the share of looping pairs, 0.629). The
+length-normalised score is what lm-eval's `acc_norm` does for choices of unequal length (it
+divides by bytes; per token is the unit the model predicts in) and the average log-likelihood
+SimPO and ORPO take as a sequence's reward. Unlike DPO's implicit reward (log-ratio against a
+reference model) it needs no reference, so every model of the chain, base included, is scored
+alone and the same way. Its known bias runs the other way: cheap, predictable tokens (a
+verbatim repetition) raise the mean, so a model that copies well can prefer a looping answer.
 """
 
 from __future__ import annotations
@@ -78,21 +90,32 @@ def completion_loss(model: Any, tok: Any, prompts: list[str], answers: list[str]
     return -sum(s.logp) / max(sum(s.tokens), 1)
 
 
+def per_token(s: Scored) -> list[float]:
+    """Mean log-prob per scored answer token of each answer (EOS counts: an answer has >= 1)."""
+    return [lp / max(n, 1) for lp, n in zip(s.logp, s.tokens, strict=True)]
+
+
+def normalised_margins(chosen: Scored, rejected: Scored) -> list[float]:
+    """Per pair: mean log-prob per token of the chosen minus that of the rejected answer (nats
+    per token; > 0: the model prefers the chosen)."""
+    return [c - r for c, r in zip(per_token(chosen), per_token(rejected), strict=True)]
+
+
 def preference_margins(
     model: Any, tok: Any, rows: list[dict[str, str]], max_length: int
 ) -> list[float]:
-    """log p(chosen) - log p(rejected) of each pair (> 0: the model prefers the chosen)."""
+    """Length-normalised margin of each pair (see the module docstring for why not summed)."""
     prompts = [r["prompt"] for r in rows]
     chosen = score_answers(model, tok, prompts, [r["chosen"] for r in rows], max_length)
     rejected = score_answers(model, tok, prompts, [r["rejected"] for r in rows], max_length)
-    return [c - r for c, r in zip(chosen.logp, rejected.logp, strict=True)]
+    return normalised_margins(chosen, rejected)
 
 
 def preference_accuracy(
     model: Any, tok: Any, rows: list[dict[str, str]], max_length: int
 ) -> dict[str, float]:
-    """Share of pairs where the model gives the chosen answer more log-prob than the rejected,
-    and the mean log-prob margin."""
+    """Share of pairs where the model gives the chosen answer the higher mean log-prob per
+    token, and the mean margin (nats per token)."""
     return preference_summary(preference_margins(model, tok, rows, max_length))
 
 

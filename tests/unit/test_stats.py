@@ -106,6 +106,8 @@ def test_stage_verdicts_say_improved_worse_or_no_change() -> None:
     assert got[("base", "sft", "sft_loss")] == "improved"  # lower is better
     assert got[("sft", "dpo", "sft_loss")] == "worse"
     assert got[("sft", "dpo", "pref_accuracy")] == "no significant change"
+    assert got[("base", "sft", "pref_margin")] == "improved"
+    assert got[("sft", "dpo", "pref_margin")] == "no significant change"
     assert consecutive(["base", "sft", "dpo", "dpo+rag"]) == [
         ("base", "sft"), ("sft", "dpo"), ("dpo", "dpo+rag")
     ]  # fmt: skip
@@ -136,3 +138,17 @@ def test_table_rows_keep_floats_and_show_intervals_with_the_small_n_flag() -> No
     (shown,) = display_rows([row])
     assert shown["perplexity"] == "166.7 [160, 170.5]" and shown["rougeL"] == "0.25 [0.2, 0.3]"
     assert "ci" not in shown and shown["bleu"] is None
+
+
+def test_a_few_won_back_pairs_cannot_be_significant_but_their_margins_can() -> None:
+    """35 pairs, the earlier model loses 5 and the later one wins them all back: the won flags
+    differ on 5 rows only (p ~ 2 / 2**5 > 0.05); the margins grew on every row."""
+    rng = np.random.default_rng(7)
+    before = np.concatenate([rng.uniform(0.1, 0.8, 30), -rng.uniform(0.05, 0.3, 5)])
+    after = np.abs(before) + 0.6 + rng.normal(0, 0.05, 35)
+    scores = {"sft": _scores(list(before), [1.0] * 35), "dpo": _scores(list(after), [1.0] * 35)}
+    got = {v.metric: v for v in stage_verdicts(scores, Bootstrap(1000, seed=0))}
+    assert got["pref_accuracy"].test.delta == pytest.approx(5 / 35)
+    assert got["pref_accuracy"].test.p_value > 0.05
+    assert got["pref_accuracy"].verdict(0.05) == "no significant change"
+    assert got["pref_margin"].verdict(0.05) == "improved"
