@@ -64,6 +64,25 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+NO_TEXT = "(the model produced no text)"
+
+
+def goals(summary: dict, ask: subprocess.CompletedProcess) -> dict:
+    """Issue #17's bar for the default run: `ask` prints an answer (not the no-text note) and
+    the dpo+rag row beats the dpo row on ROUGE-L with significance (the report's verdict)."""
+    first = ask.stdout.splitlines()[0] if ask.stdout.strip() else ""
+    answer = first.split(": ", 1)[1].strip() if ": " in first else ""
+    rag = next((v for v in summary.get("verdicts") or []
+                if v["to"].endswith("+rag") and v["metric"] == "rougeL"), None)  # fmt: skip
+    return {
+        "ask_answer": answer,
+        "ask_answered": ask.returncode == 0 and bool(answer) and answer != NO_TEXT,
+        "rag_rougeL_verdict": rag and rag["verdict"],
+        "rag_rougeL_p": rag and rag["p_value"],
+        "rag_beats_dpo": bool(rag) and rag["verdict"] == "improved",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", help="store directory (default: a fresh temporary one)")
@@ -104,6 +123,7 @@ def main() -> None:
             "stdout": ask.stdout,
             "stderr_tail": ask.stderr[-2000:],
         },  # fmt: skip
+        "goals": goals(summary, ask),
         "loadavg_before": load_before,
         "loadavg_after": load_after,
         "cpus": os.cpu_count(),
@@ -115,7 +135,7 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results" / f"{a.out}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{out}: run {run_s}s (exit {run.returncode}), ask {ask_s}s; load {load_before[0]:.1f}"
-          f" -> {load_after[0]:.1f}")  # fmt: skip
+          f" -> {load_after[0]:.1f}; goals {result['goals']}")  # fmt: skip
     sys.path.insert(0, str(ROOT))
     from flows.prefect_server import stop_server
 
