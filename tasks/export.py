@@ -27,6 +27,7 @@ from fasttrack.core.errors import ModelError
 from fasttrack.core.lazy import inference_mode, lazy
 from fasttrack.core.stage import BuildResult, Stage, StageSpec
 from fasttrack.core.store import ArtifactRef, ArtifactStore
+from fasttrack.lib.adapters import disable_cpu_bf16_repack
 from fasttrack.lib.datasets import read_split
 from fasttrack.lib.hub import hub_kwargs
 from fasttrack.lib.models import LOAD_LOCK, load_model, model_source, pick_device
@@ -113,6 +114,12 @@ def load_export(fmt: str, path: Path) -> tuple[Any, Any]:
         kwargs["device_map"] = {"": pick_device()}
     with LOAD_LOCK:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs).eval()
+    if fmt == "bnb-4bit":
+        # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights on the first forward
+        # and its repack fails on layers narrower than its 64-wide quant block ("shape
+        # '[32, 0]' is invalid", tiny models): the measurement takes the plain dequantising
+        # kernel, which computes the same product on every CPU.
+        disable_cpu_bf16_repack(model)
     tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
     return model, tok
 
