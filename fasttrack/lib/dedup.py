@@ -21,7 +21,7 @@ from typing import IO
 
 import numpy as np
 
-from fasttrack.lib.minhash import _mix
+from fasttrack.lib.minhash import mix
 from fasttrack.lib.spill import SignatureSpill
 
 KEEP, EXACT, NEAR = 0, 1, 2
@@ -118,7 +118,7 @@ class Dedup:
             assert self.sigs is not None
             self.sigs.extend(sigs)
             with np.errstate(over="ignore"):
-                salted = _mix(keys ^ self.salt[None, :]).ravel()
+                salted = mix(keys ^ self.salt[None, :]).ravel()
             rec = np.empty(len(salted), _KEY)
             rec["key"], rec["row"] = salted, np.repeat(rows, keys.shape[1])
             self.near.add(rec, salted >> np.uint64(64 - PARTS.bit_length() + 1))

@@ -30,7 +30,7 @@ _CHUNK = 1 << 16  # signatures are stored in chunks of this many rows (no big re
 _MAX_CELLS = 1 << 19  # permutations x shingles evaluated at once (4 MB: stays in cache)
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
+def mix(x: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser: spreads crc32/rolling-hash structure over all 64 bits."""
     x = x ^ (x >> np.uint64(30))
     x = x * np.uint64(0xBF58476D1CE4E5B9)
@@ -72,7 +72,7 @@ def shingle_hashes(texts: list[str], size: int) -> tuple[np.ndarray, np.ndarray]
                 continue
             live = width > j  # grams of `width` words take words pos .. pos+width-1
             acc[live] = acc[live] * _P + wh[pos[live] + j]
-        out = _mix(acc) >> np.uint64(32)
+        out = mix(acc) >> np.uint64(32)
     return out, np.cumsum(count) - count
 
 
@@ -108,7 +108,7 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
     mult = permutations(rows, 0x5EED)[0][:, 0]
     cut = sigs[:, : bands * rows].astype(np.uint64).reshape(len(sigs), bands, rows)
     with np.errstate(over="ignore"):
-        return _mix((cut * mult).sum(axis=2, dtype=np.uint64))
+        return mix((cut * mult).sum(axis=2, dtype=np.uint64))
 
 
 class LshIndex:

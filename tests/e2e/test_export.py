@@ -10,6 +10,7 @@ import torch
 
 from fasttrack.core.config_loader import load_config
 from fasttrack.core.store import ArtifactStore
+from fasttrack.lib.adapters import disable_cpu_bf16_repack
 from flows.export import ExportParams, export_flow
 from flows.pipeline import PipelineParams, pipeline
 from tasks.export import FORMATS, GGUF_TOLERANCE
@@ -93,11 +94,10 @@ def test_exports_load_and_generate_in_stock_tools(run) -> None:
     for fmt, kind in layer.items():
         model = AutoModelForCausalLM.from_pretrained(refs[f"export:{fmt}"].uri, device_map="cpu")
         assert any(isinstance(m, kind) for m in model.modules()), fmt
-        for m in model.modules():  # bitsandbytes' AVX512-BF16 CPU repack (taken on CPUs that
-            # have it) fails on layers narrower than its 64-wide quant block, as this tiny
-            # model's 32 are; real models are wider. Its plain kernel is what other CPUs run.
-            if isinstance(m, bnb.nn.Linear4bit):
-                m.support_avx512bf16_for_cpu = False
+        # bitsandbytes' AVX512-BF16 CPU repack (taken on CPUs that have it) fails on layers
+        # narrower than its 64-wide quant block, as this tiny model's 32 are; real models are
+        # wider. Its plain kernel (the one other CPUs run) is switched on as export does.
+        disable_cpu_bf16_repack(model)
         out = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
         assert out.shape[1] == ids.shape[1] + 4
     for fmt in ("gguf-f16", "gguf-q8_0"):
