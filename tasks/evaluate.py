@@ -9,6 +9,7 @@ bits per byte makes models with different tokenizers comparable.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from fasttrack.core import faultpoint
@@ -50,7 +51,7 @@ def eval_spec(
     upstream = {"model": model, "data": data}
     inputs = {}
     if rag is not None:  # the model answering with retrieved context
-        config["rag"] = {"mode": cfg.rag.mode, "top_k": cfg.rag.top_k}
+        config["rag"] = {"mode": cfg.rag.mode, "top_k": cfg.rag.top_k, "answer": cfg.rag.answer}
         config.pop("lm_eval", None)  # the same model as the row without RAG
         upstream["rag"] = rag
     elif cfg.evaluate.lm_eval is not None:
@@ -92,6 +93,9 @@ def answer_metrics(
     return out
 
 
+Answerer = Callable[[list[str], int], list[str]]  # (questions, seed) -> answers
+
+
 def generation_metrics(
     cfg: RunConfig,
     store: ArtifactStore,
@@ -100,11 +104,13 @@ def generation_metrics(
     tok,
     out: Path,
     scores: Scores,
-    prompt_of=lambda question: question,
+    answer: Answerer | None = None,
+    sampled: bool = True,
 ) -> dict:
-    """Answer held-out instructions with the configured decoding; ROUGE/BLEU vs the references.
-    The samples (prompt, reference, prediction) are kept for the report, per-row scores in
-    `scores`."""
+    """Answer held-out instructions (by default: generate with the configured decoding; the RAG
+    row passes its own `answer`); ROUGE/BLEU vs the references. The samples (prompt,
+    reference, prediction) are kept for the report, per-row scores in `scores`. `sampled`:
+    whether `evaluate.seeds` can change the answers (a quoted answer cannot)."""
     n = cfg.evaluate.generation_rows
     if not n or not tok.chat_template or not has_kind(store, data, "sft"):
         return {}
@@ -113,8 +119,13 @@ def generation_metrics(
     pairs = [(p, c) for p, c in pairs if p and c]
     if not pairs:
         return {}
+    if answer is None:
+
+        def answer(questions: list[str], seed: int) -> list[str]:
+            return generate(model, tok, questions, cfg.generation, seed=seed)
+
     prompts, refs = (list(x) for x in zip(*pairs, strict=True))
-    preds = generate(model, tok, [prompt_of(p) for p in prompts], cfg.generation, seed=cfg.seed)
+    preds = answer(prompts, cfg.seed)
     with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
         for p, r, g in zip(prompts, refs, preds, strict=True):
             f.write(json.dumps({"prompt": p, "reference": r, "prediction": g}) + "\n")
@@ -123,12 +134,8 @@ def generation_metrics(
     scores["bleu"] = table(BLEU_COLUMNS, bleu_rows(preds, refs))
     result = {k: round(v, 6) for k, v in _text_scores(preds, refs).items()}
     result["generation_rows"] = len(pairs)
-    if seeds := cfg.evaluate.seeds:  # the same answers re-sampled: how much is decoding luck
-        runs = [
-            _text_scores(generate(model, tok, [prompt_of(p) for p in prompts], cfg.generation,
-                                  seed=seed), refs)
-            for seed in seeds
-        ]  # fmt: skip
+    if (seeds := cfg.evaluate.seeds) and sampled:  # re-sampled: how much is decoding luck
+        runs = [_text_scores(answer(prompts, seed), refs) for seed in seeds]
         result["seeds"] = {"seeds": list(seeds)} | {
             k: [round(r[k], 6) for r in runs] for k in runs[0]
         }
@@ -154,7 +161,7 @@ def _last(row: dict, role: str) -> str:
 def build_rag_eval(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     """The model answering with retrieved context: ROUGE/BLEU of those answers, plus the
     index's recall@k, so retrieval sits in the same comparison table."""
-    from fasttrack.lib.ask import fitted_prompt
+    from fasttrack.lib.ask import fitted_prompt, quoted
     from fasttrack.lib.generate import prompt_room
     from fasttrack.lib.retrieval import Retriever
 
@@ -163,14 +170,21 @@ def build_rag_eval(cfg: RunConfig, spec: StageSpec, out: Path) -> BuildResult:
     retriever = Retriever.open(cfg, rag)
     room = prompt_room(model, cfg.generation.max_new_tokens)
 
-    def with_context(question: str) -> str:  # as `ask` builds it: the best chunks that fit
-        hits = retriever.search(question, k=cfg.rag.top_k, mode=cfg.rag.mode)
-        return fitted_prompt(question, hits, tok, room)[0]
+    def answer(questions: list[str], seed: int) -> list[str]:  # as `ask` answers
+        fitted = [
+            fitted_prompt(q, retriever.search(q, k=cfg.rag.top_k, mode=cfg.rag.mode), tok, room)
+            for q in questions
+        ]
+        if cfg.rag.answer == "quote":
+            return [quoted(model, tok, p, kept, cfg.generation.max_new_tokens, room)
+                    for p, kept in fitted]  # fmt: skip
+        return generate(model, tok, [p for p, _ in fitted], cfg.generation, seed=seed)
 
     scores: Scores = {}
     metrics = generation_metrics(
-        cfg, store, spec.upstream["data"], model, tok, out, scores, with_context
-    )
+        cfg, store, spec.upstream["data"], model, tok, out, scores, answer,
+        sampled=cfg.rag.answer != "quote",
+    )  # fmt: skip
     mode = cfg.rag.mode
     for k in cfg.rag.eval_ks:
         metrics[f"recall@{k}"] = rag.metrics.get(f"{mode}.recall@{k}")

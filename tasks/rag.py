@@ -53,7 +53,7 @@ from fasttrack.lib.retrieval import (
 STAGE = Stage("rag", "3")
 EVAL_SPLITS = ("validation", "test")
 # Query-time knobs: they change no file of the artifact, so they are not part of its key.
-_QUERY_ONLY = {"enabled", "batch_size", "mode", "top_k"}
+_QUERY_ONLY = {"enabled", "batch_size", "mode", "top_k", "answer"}
 _SCHEDULE = {"engine", "workers", "shard_size"}  # where and in what pieces: same vectors
 
 

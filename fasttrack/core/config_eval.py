@@ -118,6 +118,13 @@ class RagConfig(Section):
     )
     mode: Literal["dense", "bm25", "hybrid"] = "hybrid"
     top_k: int = Field(5, gt=0)
+    answer: Literal["generate", "quote"] = Field(
+        "generate",
+        description="How `ask` and the `dpo+rag` evaluation answer from the retrieved chunks: "
+        "`generate` (free decoding with `generation`) or `quote` (the sentence of the chunks in "
+        "the prompt that the model scores likeliest as its answer, verbatim, cited as [n]: "
+        "grounded by construction).",
+    )
     rrf_k: int = Field(
         10, gt=0, description="Reciprocal-rank-fusion constant; 60 let dense outvote a BM25 #1."
     )

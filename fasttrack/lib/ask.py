@@ -67,6 +67,17 @@ def rag_prompt(
     return fitted_prompt(question, retriever.search(question, k=k, mode=mode), tok, room)
 
 
+def quoted(
+    model: Any, tok: Any, prompt: str, hits: list[Any], max_new_tokens: int, room: int | None
+) -> str:
+    """`rag.answer: quote`: the sentence of the hits in the prompt the model finds likeliest as
+    its answer (fasttrack/lib/quote.py), cited as `[n]`; "" when the hits hold no sentence."""
+    from fasttrack.lib.quote import quote_answer
+
+    q = quote_answer(model, tok, prompt, hits, max_new_tokens, room)
+    return "" if q is None else f"{q.text} [{q.hit + 1}]"
+
+
 def answer(
     cfg: RunConfig,
     question: str,
@@ -89,5 +100,8 @@ def answer(
     room = prompt_room(lm, cfg.generation.max_new_tokens)
     hits = retriever.search(question, k=k or cfg.rag.top_k, mode=mode)
     prompt, kept = fitted_prompt(question, hits, tok, room)
-    text = generate(lm, tok, [prompt], cfg.generation, seed=cfg.seed)[0]
+    if cfg.rag.answer == "quote":
+        text = quoted(lm, tok, prompt, kept, cfg.generation.max_new_tokens, room)
+    else:
+        text = generate(lm, tok, [prompt], cfg.generation, seed=cfg.seed)[0]
     return Answer(text, hits, mode, stage, ref.short, notes, in_prompt=len(kept))

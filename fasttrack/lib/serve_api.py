@@ -239,9 +239,9 @@ def create_app(served: Served) -> FastAPI:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         return GenRequest(ids=ids, g=g, stop=stop, n=body.n, seed=body.seed)
 
-    async def run(req: GenRequest) -> list[Completion]:
+    async def run(req: GenRequest, engine: Any = None) -> list[Completion]:
         try:
-            fut = served.batcher.submit(req)
+            fut = (engine or served.batcher).submit(req)
         except Busy as exc:
             raise ApiError(429, str(exc), "rate_limit_error", None, "server_busy") from None
         try:
@@ -288,12 +288,18 @@ def create_app(served: Served) -> FastAPI:
             max_new = budget(body, explicit, len(ids), keep_end=False)
         req = gen_request(ids, decoding(served.cfg.generation, body, max_new), body)
         sources = [source(h) for h in hits] if use_rag else None
+        engine = None  # rag.answer=quote: ask's quoted sentence instead of generated text
+        if use_rag and served.cfg.rag.answer == "quote":
+            from fasttrack.lib.serve_quote import QuoteEngine
+
+            engine = QuoteEngine(served.model, served.tok, prompt, hits, room)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             head = {"id": rid, "object": "chat.completion.chunk", "created": created,
                     "model": served.model_id}  # fmt: skip
-            return stream([req], head, piece=chat_piece, opening=chat_opening, sources=sources)
-        done = await run(req)
+            return stream([req], head, engine, piece=chat_piece, opening=chat_opening,
+                          sources=sources)  # fmt: skip
+        done = await run(req, engine)
         choices = [
             {"index": i, "message": {"role": "assistant", "content": c.text},
              "finish_reason": c.finish_reason, "logprobs": None}
@@ -306,9 +312,9 @@ def create_app(served: Served) -> FastAPI:
             out["sources"] = sources
         return out
 
-    def stream(reqs: list[GenRequest], head: dict[str, Any], **kw: Any) -> Any:
+    def stream(reqs: list[GenRequest], head: dict[str, Any], engine: Any = None, **kw: Any) -> Any:
         try:
-            return sse(served.batcher, reqs, head, **kw)
+            return sse(engine or served.batcher, reqs, head, **kw)
         except Busy as exc:
             raise ApiError(429, str(exc), "rate_limit_error", None, "server_busy") from None
 

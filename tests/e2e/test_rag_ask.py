@@ -45,6 +45,14 @@ def test_rag_in_the_flow_then_ask_answers_with_sources(tmp_path: Path) -> None:
     # the tiny model's 128 positions hold the best chunk only: said, not silently cut
     assert "of 3 retrieved chunks fit the model's context" in result.stderr
     assert "no (past the context)" in result.stdout
+    # rag.answer=quote (not in the index's key): a sentence of the chunk in the prompt, cited
+    quote = ["ask", str(path), f"What does `{title}` do?", "--k", "3", "--set", "rag.answer=quote"]
+    quoted = CliRunner().invoke(app, quote)
+    assert quoted.exit_code == 0, quoted.output
+    said = quoted.stdout.splitlines()[0].split("): ", 1)[1]
+    table = pq.read_table(chunks / "chunks.parquet")
+    texts = [" ".join(t.split()) for t in table.column("text").to_pylist()]
+    assert said.endswith(" [1]") and any(said[: -len(" [1]")] in t for t in texts), said
     # It says why no newer model answered, and never falls back silently (issue #20)
     assert "note: not using dpo: not trained for this config (no dpo_ref " in result.stderr
     store = ArtifactStore(str(tmp_path / "store"))

@@ -186,6 +186,40 @@ def test_rag_chat_matches_ask_and_streams_sources_last(client, trained, local) -
     assert chunks[-1].choices == [] and chunks[-1].model_extra["sources"] == sources
 
 
+def test_rag_quote_mode_answers_as_ask_quotes(trained, local) -> None:
+    """rag.answer=quote: the chat answer (plain and streamed) is ask's quoted sentence. The app
+    runs in-process (its lifespan starts the batcher); the official client talks to it."""
+    from fastapi.testclient import TestClient
+
+    from fasttrack.lib.ask import quoted, rag_prompt, run_index
+    from fasttrack.lib.batcher import Batcher
+    from fasttrack.lib.generate import prompt_room
+    from fasttrack.lib.retrieval import Retriever
+    from fasttrack.lib.serve_api import Served, create_app
+
+    _, cfg = trained
+    cfg = cfg.model_copy(update={"rag": cfg.rag.model_copy(update={"answer": "quote"})})
+    model, tok = local
+    retriever = Retriever.open(cfg, run_index(cfg))
+    room = prompt_room(model, cfg.generation.max_new_tokens)
+    question = "What does `base64.b64encode` do?"
+    prompt, hits = rag_prompt(retriever, question, tok=tok, room=room)
+    expected = quoted(model, tok, prompt, hits, cfg.generation.max_new_tokens, room)
+    assert expected  # a sentence of a cited chunk, never empty
+    served = Served(cfg=cfg, model_id=MODEL, model=model, tok=tok, batcher=Batcher(model, tok),
+                    retriever=retriever)  # fmt: skip
+    with TestClient(create_app(served)) as http:
+        quote_client = openai.OpenAI(base_url="http://testserver/v1", api_key="-",
+                                     http_client=http, max_retries=0)  # fmt: skip
+        messages = [{"role": "user", "content": question}]
+        out = quote_client.chat.completions.create(model=MODEL, messages=messages)
+        assert out.choices[0].message.content == expected
+        assert [s["title"] for s in out.model_extra["sources"]] == [h.title for h in hits]
+        chunks = list(quote_client.chat.completions.create(model=MODEL, messages=messages,
+                                                           stream=True))  # fmt: skip
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+
+
 def test_completions_and_embeddings(client, local) -> None:
     from fasttrack.lib.retrieval import Embedder
 
