@@ -108,3 +108,15 @@ def test_preference_rows_with_empty_fields_or_equal_answers_are_dropped(tmp_path
     stats = json.loads((Path(ref.uri) / "stats.json").read_text())["preference"]
     assert stats["dropped_empty_field"] == 2 and stats["dropped_chosen_equals_rejected"] == 1
     assert stats["kept"] == 1
+
+
+def test_only_the_offline_kernel_hint_of_bitsandbytes_is_dropped(caplog) -> None:
+    import logging
+
+    import fasttrack  # noqa: F401  (installs the filter)
+
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s", "no net")
+        log.warning("another warning")
+    assert [r.getMessage() for r in caplog.records if r.name == log.name] == ["another warning"]
