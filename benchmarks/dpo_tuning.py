@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,19 +91,20 @@ def run(config: str | None, store: Path, name: str, split: str, sets: list[str])
     overrides = [f"store={store}", f"name={name}", f"evaluate.answers.split={split}", *sets]
     cmd = [sys.executable, "-m", "flows.cli", "run", *([config] if config else [])]
     cmd += [x for s in overrides for x in ("--set", s)]
-    env = os.environ | {"COLUMNS": "220", "HF_HUB_OFFLINE": "1"}
-    load_before, cpu0 = os.getloadavg(), os.times()
+    home = os.environ.get("PREFECT_HOME") or tempfile.mkdtemp(prefix="dpo-tuning-ph-")
+    env = os.environ | {"COLUMNS": "220", "HF_HUB_OFFLINE": "1", "PREFECT_HOME": home}
+    load_before = os.getloadavg()
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=7200)
     wall = round(time.perf_counter() - started, 1)
-    cpu1 = os.times()
+    if "PREFECT_HOME" not in os.environ:  # the background API this run started: ours to stop
+        from flows.prefect_server import stop_server
+
+        stop_server(Path(home))
     if proc.returncode:
         raise SystemExit(f"fasttrack run {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return {
         "wall_s": wall,
-        "child_cpu_s": round(
-            cpu1.children_user + cpu1.children_system - cpu0.children_user - cpu0.children_system, 1
-        ),  # fmt: skip
         "steps": step_seconds(proc.stdout),
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
