@@ -216,9 +216,11 @@ def index_bench(n: int, n_queries: int, uniform: bool) -> dict:
 def main() -> None:
     import faiss
 
+    from fasttrack.lib.embed_backend import BACKENDS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--chunks", type=int, default=0, help="0: every chunk of the demo docs")
-    ap.add_argument("--backends", nargs="+", default=["torch", "onnx", "onnx-int8"])
+    ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--embed-only", action="store_true", help="keep the stored index results")
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
