@@ -5,7 +5,7 @@
 Prints and writes benchmarks/results/rag.json:
 - embed: chunks/s of the real embedder (rag.embedder default) on every chunk of the demo
   documents (stdlib_docs + pydoc_topics, default ChunkConfig), per backend side by side (torch
-  fp32 = stock sentence-transformers, ONNX Runtime fp32, ONNX Runtime int8), best of
+  fp32 = stock sentence-transformers, ONNX Runtime fp32 and int8, OpenVINO fp32 and bf16), best of
   `--repeats` passes after a warm-up batch. Quality, with the demo QA questions as queries (all
   391 rows of stdlib_qa: the questions the default run's held-out SFT rows are drawn from):
   `chunk_recall@10_vs_exact_fp32` = mean over questions of |top10(backend) & top10(exact fp32)|

@@ -9,10 +9,10 @@ pins transformers < 4.58. So the transformer is exported with torch's own export
 with onnxruntime's, and the ONNX session replaces only the transformer *inside* the
 sentence-transformers model: tokenization, length-sorted batching, pooling and normalization
 stay sentence-transformers' own code, so the backends differ in the matrix math alone.
-OpenVINO (issue #15 goal 4): on the same fp32 weights its CPU kernels run MiniLM ≈ 2.7x torch
-fp32 per CPU-second with recall@10 vs exact fp32 at 1.0, where ONNX Runtime fp32 reached ≈ 1.5x;
-with bf16 arithmetic (AVX512-BF16/AMX CPUs; elsewhere OpenVINO keeps fp32) ≈ 4.5x at top-10
-overlap ≈ 0.99 (benchmarks/results/rag_embed_*.json).
+OpenVINO (issue #15 goal 4): on the same fp32 weights its CPU kernels embed the demo chunks at
+2.8x torch fp32 per CPU-second with recall@10 vs exact fp32 1.0 (ONNX Runtime fp32: 1.8x);
+with bf16 arithmetic (AVX512-BF16/AMX CPUs; elsewhere OpenVINO computes fp32) 4.2x at top-10
+overlap 0.994 and the same document recall (benchmarks/results/rag_embed_loaded.json).
 The export takes seconds, so it is done once per (embedder content, backend) and kept in the
 artifact store as a content-addressed entry (`embedder-onnx/<key>`, key = source fingerprint +
 backend + export code version): a changed embedder can never run a stale export, and build,
@@ -188,7 +188,7 @@ def _ov_runner(path: Path, precision: str) -> tuple[Run, list[str]]:
     """OpenVINO CPU plugin, throughput mode: one stream per allowed core, one thread each, and
     the texts of a batch spread over the streams (each text alone: see _runner_module). One
     thread per text costs fewer CPU-seconds than two threads splitting each small matmul
-    (≈ 2.9x torch fp32 per CPU-s against 2.0x on the demo chunks), and a text's arithmetic
+    (fp32, demo chunks, one loaded run: 2.8x torch per CPU-s against 2.0x), and a text's arithmetic
     does not depend on the machine's core count. The precision hint is explicit: on
     AVX512-BF16/AMX CPUs OpenVINO's default is bf16, so "openvino" (fp32) must ask for f32;
     on other CPUs a bf16 hint runs fp32."""
