@@ -200,6 +200,9 @@ def _ov_runner(path: Path, precision: str) -> tuple[Run, list[str]]:
         "PERFORMANCE_HINT": "THROUGHPUT",
         "NUM_STREAMS": streams,
         "INFERENCE_NUM_THREADS": streams,
+        # no pinning: the stage shares its cores (training in parallel, serve, other jobs) and
+        # pinned threads cannot move off a busy core; per CPU-s it made no measurable difference
+        "ENABLE_CPU_PINNING": False,
     }
     compiled = ov.Core().compile_model(str(path), "CPU", config)
     queue = ov.AsyncInferQueue(compiled, streams)
