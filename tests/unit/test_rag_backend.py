@@ -8,6 +8,7 @@ copy of that store entry (the entry is content-addressed: a copy is what a share
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import faiss
@@ -16,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fasttrack.core.config_loader import load_config
+from fasttrack.core.errors import ModelError
 from fasttrack.core.store import ArtifactStore
 from fasttrack.lib.embed_backend import EXPORT_STAGE, export_key
 from fasttrack.lib.retrieval import Embedder, Retriever, resolve_embedder
@@ -99,6 +101,15 @@ def test_openvino_backends_share_one_cached_ir_and_match_torch_fp32(export_store
     assert len(before) == len(after) == 1 and after[0]["key"] == before[0]["key"]
     assert sorted(f["path"] for f in after[0]["files"]) == ["model.bin", "model.xml"]
     assert after[0]["config"]["openvino"]  # a new converter makes a new entry
+
+
+def test_a_missing_openvino_is_one_error_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+    with pytest.raises(ModelError, match=r"embedder_backend: openvino-bf16 needs the `openvino`"):
+        export_key("0" * 64, "openvino-bf16")
+    assert export_key("0" * 64, "onnx")  # the other exports do not need it
 
 
 def test_key_and_family_change_with_backend(tmp_path: Path) -> None:
