@@ -72,8 +72,8 @@ class RagConfig(Section):
         description="How the embedder runs: `torch` (stock fp32), `onnx` (ONNX Runtime fp32, "
         "batched), `onnx-int8` (ONNX Runtime, int8 dynamic quantization; one text per call, and "
         "top-10 overlap with fp32 0.94 on the demo), `openvino` (OpenVINO fp32, one text per "
-        "call: 2.8x torch per CPU-second, recall@10 vs exact fp32 1.0) or `openvino-bf16` (the "
-        "default: OpenVINO with bf16 arithmetic on CPUs that have it, fp32 elsewhere; 4.2x, "
+        "call: 2.2-2.8x torch per CPU-second, recall@10 vs exact fp32 1.0) or `openvino-bf16` "
+        "(the default: OpenVINO, bf16 arithmetic on CPUs that have it, fp32 elsewhere; 3.2-4.2x, "
         "top-10 overlap with exact fp32 0.994). The export is made once and kept in the store.",
     )
     documents: str | None = Field(None, description="A folder of documents instead of the corpus.")

@@ -10,9 +10,10 @@ with onnxruntime's, and the ONNX session replaces only the transformer *inside* 
 sentence-transformers model: tokenization, length-sorted batching, pooling and normalization
 stay sentence-transformers' own code, so the backends differ in the matrix math alone.
 OpenVINO (issue #15 goal 4): on the same fp32 weights its CPU kernels embed the demo chunks at
-2.8x torch fp32 per CPU-second with recall@10 vs exact fp32 1.0 (ONNX Runtime fp32: 1.8x);
-with bf16 arithmetic (AVX512-BF16/AMX CPUs; elsewhere OpenVINO computes fp32) 4.2x at top-10
-overlap 0.994 and the same document recall (benchmarks/results/rag_embed_loaded.json).
+2.2-2.8x torch fp32 per CPU-second with recall@10 vs exact fp32 1.0 (ONNX Runtime fp32:
+1.4-1.8x); with bf16 arithmetic (AVX512-BF16/AMX CPUs; elsewhere OpenVINO computes fp32)
+3.2-4.2x at top-10 overlap 0.994 and the same document recall (two loaded runs:
+benchmarks/results/rag_embed_loaded*.json).
 The export takes seconds, so it is done once per (embedder content, backend) and kept in the
 artifact store as a content-addressed entry (`embedder-onnx/<key>`, key = source fingerprint +
 backend + export code version): a changed embedder can never run a stale export, and build,
