@@ -5,7 +5,7 @@
 Prints and writes benchmarks/results/rag.json:
 - embed: chunks/s of the real embedder (rag.embedder default) on every chunk of the demo
   documents (stdlib_docs + pydoc_topics, default ChunkConfig), per backend side by side (torch
-  fp32 = stock sentence-transformers, ONNX Runtime fp32, ONNX Runtime int8), best of
+  fp32 = stock sentence-transformers, ONNX Runtime fp32 and int8, OpenVINO fp32 and bf16), best of
   `--repeats` passes after a warm-up batch. Quality, with the demo QA questions as queries (all
   391 rows of stdlib_qa: the questions the default run's held-out SFT rows are drawn from):
   `chunk_recall@10_vs_exact_fp32` = mean over questions of |top10(backend) & top10(exact fp32)|
@@ -216,9 +216,11 @@ def index_bench(n: int, n_queries: int, uniform: bool) -> dict:
 def main() -> None:
     import faiss
 
+    from fasttrack.lib.embed_backend import BACKENDS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--chunks", type=int, default=0, help="0: every chunk of the demo docs")
-    ap.add_argument("--backends", nargs="+", default=["torch", "onnx", "onnx-int8"])
+    ap.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--embed-only", action="store_true", help="keep the stored index results")
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])

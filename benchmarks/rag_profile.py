@@ -1,6 +1,6 @@
 """Where the RAG stage's seconds go: wall and CPU time of each phase of the real build.
 
-    python benchmarks/rag_profile.py [--backend onnx] [--out benchmarks/results/rag_profile.json]
+    python benchmarks/rag_profile.py [--backend B] [--out benchmarks/results/rag_profile.json]
 
 Builds the data artifact of the default config (tiny-cpu) in a fresh temporary store, then runs
 the rag stage's build (`tasks.rag.build_rag`, the code `fasttrack run --stages rag` runs) in
@@ -59,8 +59,11 @@ def flops_per_token(config, seq: float) -> float:
 
 
 def main() -> None:
+    from fasttrack.core.config_eval import RagConfig
+    from fasttrack.lib.embed_backend import BACKENDS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--backend", default="onnx", choices=["torch", "onnx", "onnx-int8"])
+    ap.add_argument("--backend", default=RagConfig().embedder_backend, choices=BACKENDS)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/rag_profile.json")
     args = ap.parse_args()
     cores = len(os.sched_getaffinity(0))
@@ -93,7 +96,7 @@ def main() -> None:
     ]  # fmt: skip
     rag_mod.load_documents = timed("load documents", rag_mod.load_documents)
     embedder_mod._load_model = timed("load model (incl. export)", embedder_mod._load_model)
-    eb._export = timed("onnx export (fresh store)", eb._export)
+    eb._export = timed("export (fresh store)", eb._export)
     rag_mod.chunk_document = timed("chunking", rag_mod.chunk_document)
     rag_mod.embed_chunks = timed("embed chunks", rag_mod.embed_chunks)
     rag_mod.build_faiss = timed("faiss build", rag_mod.build_faiss)

@@ -50,7 +50,7 @@ from fasttrack.lib.retrieval import (
 
 # 2: ranks.json (per-question ranks: recall@k intervals); 3: IVF-PQ trained on a sample, filled
 # shard by shard, nprobe tuned to rag.ivf_recall, exact re-scoring of its candidates
-STAGE = Stage("rag", "3")
+STAGE = Stage("rag", "4")  # 4: default embedder backend openvino-bf16
 EVAL_SPLITS = ("validation", "test")
 # Query-time knobs: they change no file of the artifact, so they are not part of its key.
 _QUERY_ONLY = {"enabled", "batch_size", "mode", "top_k", "answer"}

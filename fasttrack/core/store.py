@@ -40,7 +40,8 @@ _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _RESERVED = {"tmp", "work", "locks", "quarantine", "verified"}
 _VERSIONED = ("torch", "transformers", "tokenizers", "datasets", "peft", "trl", "accelerate",
               "bitsandbytes", "prefect", "numpy", "pyarrow", "llm-fasttrack", "rouge-score",
-              "sacrebleu", "sentence-transformers", "faiss-cpu", "lm-eval")  # fmt: skip
+              "sacrebleu", "sentence-transformers", "faiss-cpu", "lm-eval", "onnxruntime",
+              "openvino")  # fmt: skip
 
 
 class CorruptArtifact(StoreError):

