@@ -1,6 +1,7 @@
 """The whole default run against the plain script a user would write (issue #15 goal 3).
 
     python benchmarks/pipeline_vs_script.py [--quick] [--cleanup] [--config YAML] [--set K=V ...]
+        [--stages sft] [--threads N]
 
 On the same machine, in one go:
 (a) benchmarks/plain_lifecycle.py as a subprocess: data -> pretrain (stock `Trainer`) -> SFT
@@ -16,6 +17,11 @@ Per stage: wall seconds of both (pipeline data = data + base + pack, dpo = dpo_r
 ratio pipeline/script, training throughput of both, chunks embedded; totals; the load average
 before/after. Writes benchmarks/results/pipeline_vs_script.json (`--quick`: ..._quick.json) and
 prints the store path, kept for the README default-run table unless `--cleanup`.
+`--stages` runs only those stages and what they need on both sides (`sft`: data, pretrain, sft;
+no evaluation), `--threads N` gives both sides N torch threads (OMP_NUM_THREADS for the
+pipeline's processes). Training throughput is given per wall second and per CPU second of the
+training process (all threads): on a shared machine the CPU figure is the one to compare, with
+`--threads 1` (two OpenMP threads on two busy cores spin-wait, so their CPU time grows too).
 Goal: total ratio <= 1.15, training throughput >= 0.95x the script's. ~12 min on 2 quiet cores.
 """
 
@@ -40,6 +46,8 @@ QUICK = [  # a smoke test: every stage runs, a few steps each
     "dpo.max_steps=2", "dpo.eval_steps=2", "sft.logging_steps=2",  # TRL logs num_tokens
 ]  # fmt: skip
 QUICK_STAGES = "data,pretrain,sft,dpo,rag"
+NEEDS = {"data": (), "pretrain": ("data",), "sft": ("data", "pretrain"),
+         "dpo": ("data", "pretrain", "sft"), "rag": ("data",)}  # fmt: skip
 STAGE_STEPS = {  # benchmark stage -> the pipeline steps it covers
     "data": ("data", "base", "pack"),
     "pretrain": ("pretrain",),
@@ -68,7 +76,7 @@ def load_plan(config: Path, overrides: list[str]) -> dict:
         files[src.format].append(path)
 
     def section(s, *extra: str) -> dict:
-        keys = ("max_steps", "per_device_batch_size", "learning_rate", "lr_scheduler",
+        keys = ("max_steps", "per_device_batch_size", "learning_rate", "lr_scheduler", "optimizer",
                 "warmup_ratio", "weight_decay", "eval_steps", "logging_steps", *extra)  # fmt: skip
         return {k: getattr(s, k) for k in keys}
 
@@ -113,10 +121,20 @@ def load_plan(config: Path, overrides: list[str]) -> dict:
     }
 
 
-def env_for(home: Path | None = None) -> dict[str, str]:
+def env_for(home: Path | None = None, threads: int | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env |= {"HF_HUB_OFFLINE": "1", "COLUMNS": "200", "PYTHONPATH": str(ROOT)}
+    env |= {"OMP_NUM_THREADS": str(threads)} if threads else {}
     return env | ({"PREFECT_HOME": str(home)} if home else {})
+
+
+def with_needs(stages: str) -> list[str]:
+    """The stages asked for and those they need, in lifecycle order; an unknown one is an error."""
+    asked = [s.strip() for s in stages.split(",") if s.strip()]
+    if unknown := [s for s in asked if s not in NEEDS]:
+        raise SystemExit(f"--stages: unknown {', '.join(unknown)}; known: {', '.join(NEEDS)}")
+    wanted = {n for s in asked for n in (s, *NEEDS[s])}
+    return [s for s in NEEDS if s in wanted]
 
 
 def run_script(plan: dict, tmp: Path) -> tuple[float, dict[str, dict]]:
@@ -124,7 +142,8 @@ def run_script(plan: dict, tmp: Path) -> tuple[float, dict[str, dict]]:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "plain_lifecycle.py"),
            str(tmp / "plan.json"), str(tmp / "script-out")]  # fmt: skip
     started = time.perf_counter()
-    proc = subprocess.run(cmd, env=env_for(), text=True, capture_output=True, timeout=7200)
+    proc = subprocess.run(cmd, env=env_for(threads=plan.get("threads")), text=True,
+                          capture_output=True, timeout=7200)  # fmt: skip
     wall = time.perf_counter() - started
     if proc.returncode:
         raise SystemExit(f"plain script failed:\n{proc.stderr[-4000:]}")
@@ -137,14 +156,14 @@ def run_script(plan: dict, tmp: Path) -> tuple[float, dict[str, dict]]:
 
 
 def run_pipeline(
-    config: Path, overrides: list[str], tmp: Path, stages: str | None
+    config: Path, overrides: list[str], tmp: Path, stages: str | None, threads: int | None = None
 ) -> tuple[float, list[dict]]:
     store = tmp / "store"
     sets = [a for o in [f"store={store}", *overrides] for a in ("--set", o)]
     cmd = [sys.executable, "-m", "flows.cli", "run", str(config), *sets]
     cmd += ["--stages", stages] if stages else []
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env_for(tmp / "prefect-home"), text=True,
+    proc = subprocess.run(cmd, cwd=ROOT, env=env_for(tmp / "prefect-home", threads), text=True,
                           capture_output=True, timeout=7200)  # fmt: skip
     wall = time.perf_counter() - started
     if proc.returncode:
@@ -178,6 +197,8 @@ def compare(plan: dict, script: dict, steps: list[dict], pipe_wall: float, store
     seconds = {s["step"]: s["seconds"] for s in steps}
     stages = {}
     for name, covered in STAGE_STEPS.items():
+        if name not in script:  # not run (--stages)
+            continue
         pipe = round(sum(seconds.get(s, 0.0) for s in covered), 2)
         stages[name] = {"script_s": script[name]["seconds"], "pipeline_s": pipe,
                         "ratio": ratio(pipe, script[name]["seconds"]),
@@ -186,29 +207,26 @@ def compare(plan: dict, script: dict, steps: list[dict], pipe_wall: float, store
     pipe_total = round(pipe_wall - evaluation, 2)
     script_total = script["total"]["seconds"]
 
-    pre, sft, dpo = (manifest(store, s).get("metrics", {}) for s in ("pretrain", "sft", "dpo"))
-    p = plan["pretrain"]
+    p, d = plan["pretrain"], plan["dpo"]
     pre_tokens = p["max_steps"] * p["per_device_batch_size"] * p["block_size"]
-    d = plan["dpo"]
     pairs = d["max_steps"] * d["per_device_batch_size"]
-
-    def per_s(amount: float, seconds: float | None) -> float | None:
-        return amount / seconds if seconds else None
-
-    throughput = {
-        "pretrain_tokens_per_s": (
-            per_s(script["pretrain"]["train_tokens"], script["pretrain"]["train_seconds"]),
-            per_s(pre_tokens, pre.get("train_seconds")),
-        ),
-        "sft_tokens_per_s": (
-            per_s(script["sft"]["train_tokens"], script["sft"]["train_seconds"]),
-            per_s(sft_tokens(store), sft.get("train_seconds")),
-        ),
-        "dpo_pairs_per_s": (
-            per_s(pairs, script["dpo"]["train_seconds"]),
-            per_s(pairs, dpo.get("train_seconds")),
-        ),
+    amounts = {  # stage -> (unit, script's amount, pipeline's amount)
+        "pretrain": ("tokens", pre_tokens, pre_tokens),
+        "sft": ("tokens", script.get("sft", {}).get("train_tokens"), sft_tokens(store)),
+        "dpo": ("pairs", pairs, pairs),
     }
+    throughput = {}
+    for stage, (unit, script_amount, pipe_amount) in amounts.items():
+        if stage not in script:
+            continue
+        pipe = manifest(store, stage).get("metrics", {})
+        for per, key in (("s", "train_seconds"), ("cpu_s", "train_cpu_seconds")):
+            a = per_s(script_amount, script[stage].get(key))
+            b = per_s(pipe_amount, pipe.get(key))
+            throughput[f"{stage}_{unit}_per_{per}"] = {
+                "script": a and round(a, 1), "pipeline": b and round(b, 1), "ratio": ratio(b, a),
+                "script_" + key: script[stage].get(key), "pipeline_" + key: pipe.get(key),
+            }  # fmt: skip
     return {
         "stages": stages,
         "total": {
@@ -219,16 +237,17 @@ def compare(plan: dict, script: dict, steps: list[dict], pipe_wall: float, store
             "pipeline_evaluation_s": round(evaluation, 2),
             "script_imports_s": script["imports"]["seconds"],
         },  # fmt: skip
-        "throughput": {
-            k: {"script": a and round(a, 1), "pipeline": b and round(b, 1), "ratio": ratio(b, a)}
-            for k, (a, b) in throughput.items()
-        },
+        "throughput": throughput,
         "chunks": {
-            "script": script["rag"]["chunks"],
+            "script": script.get("rag", {}).get("chunks"),
             "pipeline": manifest(store, "rag").get("metrics", {}).get("chunks"),
         },  # fmt: skip
         "pipeline_steps": steps,
     }
+
+
+def per_s(amount: float | None, seconds: float | None) -> float | None:
+    return amount / seconds if amount and seconds else None
 
 
 def show(result: dict) -> None:
@@ -249,10 +268,13 @@ def main() -> None:
     parser.add_argument("--cleanup", action="store_true", help="remove the store afterwards")
     parser.add_argument("--out", default=None, help="result JSON (default benchmarks/results/)")
     parser.add_argument("--label", default="", help="e.g. 'loaded machine' (kept in the JSON)")
+    parser.add_argument("--stages", help="only these (and what they need), e.g. sft; no evaluation")
+    parser.add_argument("--threads", type=int, help="torch threads on both sides (default torch's)")
     args = parser.parse_args()
     config = Path(args.config).resolve()
     overrides = (QUICK if args.quick else []) + args.overrides
-    plan = load_plan(config, overrides)
+    stages = with_needs(args.stages) if args.stages else None
+    plan = load_plan(config, overrides) | {"stages": stages, "threads": args.threads}
     tmp = Path(tempfile.mkdtemp(prefix="fasttrack-vs-script-"))
     out: dict = {
         "label": args.label, "config": str(config.relative_to(ROOT) if config.is_relative_to(ROOT)
@@ -260,9 +282,12 @@ def main() -> None:
         "overrides": overrides, "quick": args.quick,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                    f"Python {platform.python_version()}",
-        "load_avg_before": os.getloadavg(),
+        "load_avg_before": os.getloadavg(), "stages": stages, "threads": args.threads,
     }  # fmt: skip
-    name = "pipeline_vs_script_quick.json" if args.quick else "pipeline_vs_script.json"
+    name = "pipeline_vs_script" + ("_quick" if args.quick else "")
+    name += f"_{'-'.join(stages)}" if stages else ""
+    name += f"_{args.threads}thread" if args.threads else ""
+    name += ".json"
     path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
     out["goal"] = "total ratio <= 1.15 (evaluation excluded), training throughput ratio >= 0.95"
     out["plan"] = plan
@@ -273,9 +298,8 @@ def main() -> None:
     from flows.prefect_server import stop_server
 
     try:  # --quick: no evaluation at all (it is excluded from the comparison anyway)
-        pipe_wall, steps = run_pipeline(
-            config, overrides, tmp, QUICK_STAGES if args.quick else None
-        )
+        only = ",".join(stages) if stages else QUICK_STAGES if args.quick else None
+        pipe_wall, steps = run_pipeline(config, overrides, tmp, only, args.threads)
     finally:
         stop_server(tmp / "prefect-home")  # the background API the run started
     out["load_avg_after"] = os.getloadavg()

@@ -5,9 +5,11 @@
 data -> pretrain (stock `Trainer`) -> SFT (TRL `SFTTrainer` + peft LoRA, 4-bit via bitsandbytes
 when the plan says so) -> DPO (TRL `DPOTrainer`, the reference = the policy with the adapter
 disabled) -> RAG (sentence-transformers + faiss). No orchestration, no cache, no checkpoints.
-PLAN.json holds every number (steps, batch sizes, block size, model architecture, LoRA, chunk
-size...), written by benchmarks/pipeline_vs_script.py from the run config, so both sides do the
-same work. Each stage prints one line `STAGE {json}` (wall seconds, train seconds, tokens).
+PLAN.json holds every number (steps, batch sizes, optimizer, block size, model architecture,
+LoRA, chunk size...), written by benchmarks/pipeline_vs_script.py from the run config, so both
+sides do the same work; `stages` (optional) runs a prefix of the lifecycle and `threads` sets
+torch's thread count. Each stage prints one line `STAGE {json}` (wall seconds, train seconds,
+train CPU seconds of the process, tokens).
 """
 
 from __future__ import annotations
@@ -80,7 +82,15 @@ def train_args(section: dict, out: Path, plan: dict, has_eval: bool) -> dict:
         "logging_steps": section["logging_steps"], "save_strategy": "no", "use_cpu": True,
         "bf16": False, "report_to": "none", "disable_tqdm": True, "seed": plan["seed"],
         "gradient_checkpointing": False,
+        "optim": section["optimizer"],  # the config's (transformers' default is the fused AdamW)
     }  # fmt: skip
+
+
+def timed_train(trainer) -> tuple[object, float]:
+    """trainer.train() and the process CPU seconds it took (all threads)."""
+    start = time.process_time()
+    result = trainer.train()
+    return result, round(time.process_time() - start, 2)
 
 
 def data_stage(plan: dict):
@@ -144,13 +154,13 @@ def pretrain_stage(plan: dict, tok, blocks: dict, out: Path) -> None:
         eval_dataset=val if len(val) else None,
         data_collator=default_data_collator,
     )
-    result = trainer.train()
+    result, cpu = timed_train(trainer)
     final = trainer.evaluate() if len(val) else {}
     trainer.save_model(str(out / "pretrained"))
     tok.save_pretrained(out / "pretrained")
     tokens = p["max_steps"] * p["per_device_batch_size"] * p["block_size"]
     report("pretrain", t, train_seconds=result.metrics["train_runtime"], train_tokens=tokens,
-           eval_loss=final.get("eval_loss"))  # fmt: skip
+           train_cpu_seconds=cpu, eval_loss=final.get("eval_loss"))  # fmt: skip
 
 
 def load_base(plan: dict, path: Path):
@@ -204,12 +214,13 @@ def sft_stage(plan: dict, tok, qa: dict, out: Path) -> None:
         model=model, args=args, train_dataset=train, eval_dataset=val, processing_class=tok,
         peft_config=LoraConfig(task_type="CAUSAL_LM", **plan["lora"]),
     )  # fmt: skip
-    result = trainer.train()
+    result, cpu = timed_train(trainer)
     if val is not None:
         trainer.evaluate()
     trainer.save_model(str(out / "sft"))
     tokens = max((h.get("num_tokens", 0) for h in trainer.state.log_history), default=0)
     report("sft", t, train_seconds=result.metrics["train_runtime"], train_tokens=tokens,
+           train_cpu_seconds=cpu,
            train_samples=s["max_steps"] * s["per_device_batch_size"])  # fmt: skip
 
 
@@ -243,10 +254,10 @@ def dpo_stage(plan: dict, tok, pref: dict, out: Path) -> None:
         model=model, args=args, train_dataset=datasets.Dataset.from_list(conv(pref["train"])),
         eval_dataset=val, processing_class=tok,
     )  # fmt: skip
-    result = trainer.train()
+    result, cpu = timed_train(trainer)
     final = trainer.evaluate() if val is not None else {}
     trainer.save_model(str(out / "dpo"))
-    report("dpo", t, train_seconds=result.metrics["train_runtime"],
+    report("dpo", t, train_seconds=result.metrics["train_runtime"], train_cpu_seconds=cpu,
            train_samples=d["max_steps"] * d["per_device_batch_size"],
            reward_accuracy=final.get("eval_rewards/accuracies"))  # fmt: skip
 
@@ -285,11 +296,16 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(plan.get("threads") or torch.get_num_threads())
     report("imports", T0)
+    stages = set(plan.get("stages") or ("data", "pretrain", "sft", "dpo", "rag"))
     tok, blocks, corpus, qa, pref = data_stage(plan)
-    pretrain_stage(plan, tok, blocks, out)
-    sft_stage(plan, tok, qa, out)
-    dpo_stage(plan, tok, pref, out)
-    rag_stage(plan, corpus, out)
+    if "pretrain" in stages:
+        pretrain_stage(plan, tok, blocks, out)
+    if "sft" in stages:
+        sft_stage(plan, tok, qa, out)
+    if "dpo" in stages:
+        dpo_stage(plan, tok, pref, out)
+    if "rag" in stages:
+        rag_stage(plan, corpus, out)
     report("total", T0)
 
 

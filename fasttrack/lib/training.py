@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -176,7 +177,9 @@ def run_trainer(
         # train() leaves DDP ranks training unsynchronised (each on its own shard).
         trainer.args.eval_on_start = True
     with disk_full_is_oserror(work, out):
+        cpu_start = time.process_time()  # all threads: a figure other jobs' load barely moves
         result = trainer.train(resume_from_checkpoint=resume)
+        train_cpu = time.process_time() - cpu_start
         final_eval = final_evaluation(trainer)
         sharding = shard_report(trainer.model)  # FSDP2: this rank's share of the parameters
         trainer.save_model(str(out))  # collective under FSDP (gathers the full state dict)
@@ -193,6 +196,7 @@ def run_trainer(
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
         "train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
+        "train_cpu_seconds": round(train_cpu, 2),  # this rank's process, spin-waits included
         **guard.metrics(),
         **sharding,
         **extra,

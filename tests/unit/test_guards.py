@@ -100,6 +100,7 @@ def test_skip_makes_the_poisoned_step_a_no_op(tmp_path: Path) -> None:
     trainer, snaps = _trainer(tmp_path, section, poison_steps={3})
     metrics = run_trainer(trainer, "pretrain", tmp_path / "work", tmp_path / "out", section=section)
     assert metrics["steps"] == 6 and metrics["skipped_steps"] == 1
+    assert metrics["train_cpu_seconds"] > 0  # process CPU time of train(), for loaded machines
     for step in (2, 4):  # the steps around the skipped one did update the weights
         before, after = snaps.by_step[step - 1], snaps.by_step[step]
         assert any(not torch.equal(before[n], after[n]) for n in after)
