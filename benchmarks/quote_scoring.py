@@ -28,9 +28,8 @@ from fasttrack.lib.chain import lookup, run_models
 from fasttrack.lib.datasets import read_split
 from fasttrack.lib.generate import prompt_room
 from fasttrack.lib.models import load_model
-from fasttrack.lib.quote import candidates, score_after_prompt
+from fasttrack.lib.quote import candidates, score_sentences
 from fasttrack.lib.retrieval import Retriever
-from fasttrack.lib.scoring import encode_pair
 from fasttrack.lib.textmetrics import rouge_rows
 
 OUT = Path(__file__).parent / "results" / "quote_scoring.json"
@@ -61,12 +60,9 @@ def main() -> None:
         prompt, kept = fitted_prompt(question, hits, tok, room)
         found = candidates(kept)
 
-        def scores(p: str, found: list = found) -> list[float]:
-            enc = [encode_pair(tok, p, s, 1 << 30) for _, s in found]
-            ids = enc[0][0][: enc[0][1]][-room:]
-            return score_after_prompt(model, ids, [e[start:] for e, start in enc])
-
-        with_q, without_q = scores(prompt), scores(build_prompt("", kept))
+        texts = [s for _, s in found]
+        with_q = score_sentences(model, tok, prompt, texts, room)
+        without_q = score_sentences(model, tok, build_prompt("", kept), texts, room)
         pmi = [a - b for a, b in zip(with_q, without_q, strict=True)]
         for name, sc in (("model_mean_logp", with_q), ("model_pmi", pmi)):
             picks[name].append(found[max(range(len(sc)), key=lambda j: (sc[j], -j))][1])

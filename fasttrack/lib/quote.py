@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fasttrack.core.lazy import inference_mode, lazy
-from fasttrack.lib.scoring import encode_pair
+from fasttrack.lib.scoring import answer_ids, prompt_ids
 
 torch = lazy("torch")  # imported on first use: a cached run never needs it
 
@@ -89,6 +89,24 @@ def score_after_prompt(
     return scores
 
 
+def encode_candidates(
+    tok: Any, prompt: str, texts: list[str], room: int | None
+) -> tuple[list[int], list[list[int]]]:
+    """The prompt's ids (templated once, cut on the left to `room` tokens as generation cuts
+    it) and each candidate's ids as the template renders it for the answer (EOS included)."""
+    head = prompt_ids(tok, prompt)
+    answers = [answer_ids(tok, prompt, head, t) for t in texts]
+    return (head[-room:] if room else head), answers
+
+
+def score_sentences(
+    model: Any, tok: Any, prompt: str, texts: list[str], room: int | None = None
+) -> list[float]:
+    """Mean log-prob per token of each text as the model's answer to `prompt`."""
+    head, answers = encode_candidates(tok, prompt, texts, room)
+    return score_after_prompt(model, head, answers)
+
+
 def quote_answer(
     model: Any,
     tok: Any,
@@ -109,11 +127,9 @@ def quote_answer(
         return None
     disable_cpu_bf16_repack(model)  # a no-grad forward on 4-bit CPU layers must not repack them
     model.eval()
-    encoded = [encode_pair(tok, prompt, s, 1 << 30) for _, s in found]
-    prompt_ids = encoded[0][0][: encoded[0][1]][-room:] if room else encoded[0][0][: encoded[0][1]]
-    answers = [ids[start:] for ids, start in encoded]
+    head, answers = encode_candidates(tok, prompt, [s for _, s in found], room)
     fits = [i for i, a in enumerate(answers) if len(a) <= max_new_tokens] or range(len(found))
-    scores = score_after_prompt(model, prompt_ids, [answers[i] for i in fits])
+    scores = score_after_prompt(model, head, [answers[i] for i in fits])
     best = max(range(len(scores)), key=lambda j: (scores[j], -j))  # ties: the better-ranked hit
     hit, text = found[fits[best]]
     return Quote(text, hit, scores[best])

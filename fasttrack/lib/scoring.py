@@ -33,21 +33,33 @@ class Scored:
     tokens: list[int]  # answer tokens scored per example
 
 
-def encode_pair(tok: Any, prompt: str, answer: str, max_length: int) -> tuple[list[int], int]:
-    """(ids of prompt + answer, index where the answer starts), left-truncating the prompt."""
+def prompt_ids(tok: Any, prompt: str) -> list[int]:
+    """The chat-templated user turn ending with the assistant cue."""
     user = [{"role": "user", "content": prompt}]
-    p_ids = tok.apply_chat_template(
+    return tok.apply_chat_template(
         user, add_generation_prompt=True, tokenize=True, return_dict=False
     )
+
+
+def answer_ids(tok: Any, prompt: str, p_ids: list[int], answer: str) -> list[int]:
+    """What the template renders for `answer` after `prompt`'s ids `p_ids` (EOS included)."""
     full = tok.apply_chat_template(
-        [*user, {"role": "assistant", "content": answer}], tokenize=True, return_dict=False
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+        tokenize=True,
+        return_dict=False,
     )
     if full[: len(p_ids)] != p_ids:  # template not prefix-stable: fall back to concatenation
-        full = p_ids + tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    answer_ids = full[len(p_ids) :][: max_length - 1]
-    keep = max(max_length - len(answer_ids), 1)
-    prompt_ids = p_ids[-keep:]
-    return prompt_ids + answer_ids, len(prompt_ids)
+        return tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return full[len(p_ids) :]
+
+
+def encode_pair(tok: Any, prompt: str, answer: str, max_length: int) -> tuple[list[int], int]:
+    """(ids of prompt + answer, index where the answer starts), left-truncating the prompt."""
+    p_ids = prompt_ids(tok, prompt)
+    answer_part = answer_ids(tok, prompt, p_ids, answer)[: max_length - 1]
+    keep = max(max_length - len(answer_part), 1)
+    head = p_ids[-keep:]
+    return head + answer_part, len(head)
 
 
 @inference_mode
