@@ -7,10 +7,16 @@
 - `stdlib_preference.jsonl`: chosen = that answer, rejected = the same answer with one of the two
   defects small models really produce, chosen by a stable hash of the function's name (format
   `preference`): *truncated* (cut mid-sentence after about half its words: the model stopped
-  early) or *looping* (the whole answer, then its opening words again: the model repeats itself).
-  A reader agrees each rejected answer is worse, and a 1M-parameter model learns the difference
-  (DPO's implicit-reward accuracy 0.975 on validation pairs). Caveat: raw summed log-prob
-  preference accuracy is length-biased on these pairs (a prefix is always more probable).
+  early) for three functions in four, *looping* (the whole answer, then its opening words
+  again: the model repeats itself) for the fourth. A reader agrees each rejected answer is
+  worse, and a 1M-parameter model learns the difference (DPO's implicit-reward accuracy 0.975
+  on validation pairs). Why three to one: SFT alone already ranks every looping pair right
+  (0 of 63 wrong in the half-and-half mix) but a quarter of truncated ones wrong, since each
+  token of a truncated answer is fluent and only its early stop is not. Only truncated pairs
+  can show what DPO adds (a paired test sees the pairs the two models disagree on), so they
+  are the bulk; the looping quarter checks that DPO keeps what SFT got right. Caveat: raw
+  summed log-prob preference accuracy is length-biased on these pairs (a prefix is always
+  more probable).
   (Another function's docstring as the rejected answer, as before, is a preference a model that
   size cannot tell apart: accuracy ~0.5.)
 - `stdlib_docs.jsonl`: the full docstring of each of those functions as a document titled by its
@@ -99,6 +105,7 @@ def _stable_index(text: str, n: int) -> int:
 
 
 DEFECTS = ("truncated", "looping")
+LOOPING_ONE_IN = 4  # the share of looping pairs (see the module docstring for why)
 MIN_WORDS = 6  # shorter answers have no middle to cut nor an opening worth repeating
 
 
@@ -155,7 +162,8 @@ def build() -> dict[str, list[dict]]:
             question = QUESTIONS[_stable_index(qualname, len(QUESTIONS))].format(qualname)
             qa.append({"instruction": question, "input": "", "output": answer, "source": qualname})
             if len(answer.split()) >= MIN_WORDS:
-                defect = DEFECTS[_stable_index(qualname + "/r", len(DEFECTS))]
+                looping = _stable_index(qualname + "/r", LOOPING_ONE_IN) == 1
+                defect = "looping" if looping else "truncated"
                 rejected = rejected_answer(answer, defect)
                 pref.append(
                     {"prompt": question, "chosen": answer, "rejected": rejected,

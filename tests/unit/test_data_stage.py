@@ -161,15 +161,16 @@ def _digests(uri: str) -> dict[str, str]:
 # pairs whose true 5-gram Jaccard is 0.82-0.85, at the 0.85 threshold, where any 128-perm
 # MinHash estimate is a coin toss; the rest is identical.)
 # The v2 stage (4041e04) run on the current demo data; the preference rows were re-derived by
-# running that commit's stage on the regenerated demo preference pairs (learnable defects).
+# running that commit's stage on the regenerated demo preference pairs (learnable defects; again
+# when three in four became truncated ones).
 V2_DIGESTS = {
     "stats": "063576ac48e1b00feffd317150efa66458e3e05c27f4f8ceafa054cf135a48e1",
     "corpus/test.parquet": "c4267df104ba91ffb606ab6060e8dd3fc5d47df477178636e1845f221b917dbb",
     "corpus/train.parquet": "60550bd1e73ebd09043e4ec48aca1db0cb4a98527311d0b872fbc1b107443789",
     "corpus/validation.parquet": "f01d91db0154ff3e43758c31a88fa4add9aa6325d412b9d0249006b1b516deaf",
-    "preference/test.parquet": "cc14e5db4c1d1ba49c3ef7adcff5e738f737f096e40c8ee40df726e1abf420f5",
-    "preference/train.parquet": "eff881ded84a991f4b8fa8d6f6fc5a5a798509131e28d43bfa7c670f444d78c6",
-    "preference/validation.parquet": "bda068d70847ce63d1f058f1de374c13b1bab2685e2b25f324a5f94cb9a8b5d0",  # noqa: E501
+    "preference/test.parquet": "a74ac244cb418db79e7a68c4e9a8c75c8e641224646a588a3dbcfee410220960",
+    "preference/train.parquet": "8987ab7b4b358f84a3700a0c0d5811f5805729b51dd1c148554db9dc05d12f5d",
+    "preference/validation.parquet": "b9bdd0662824b0381b0cb6ce7c5fadc15c6796ba79e1ddf36f5c4913797e2a44",  # noqa: E501
     "sft/test.parquet": "289ea83b140b15f2291c3c91235a1ead5043d957192e55cbd157f55b120ce7f1",
     "sft/train.parquet": "ed934f972241c2be1f51b0bd7bdc918f95bf00aaa8f8ae941a4c8e02440d29bd",
     "sft/validation.parquet": "e9d383605a750dae8dac070053dee18347e1f9f145c6a0000c61dd8608d33c36",
