@@ -1,6 +1,7 @@
 """The pipeline's SFT against the plain script's, side by side at the same moment (issue #15).
 
     python benchmarks/sft_ab.py STORE [--reps 2] [--threads 1] [--steps 150] [--label L]
+        [--sequential] [--malloc] [--out JSON]
 
 Why: on a shared 2-core machine a stage timed a minute apart from its rival gets a different
 share of the CPU, so pipeline_vs_script's wall ratios swing (SFT 0.68x to 2.4x). Here both
@@ -11,6 +12,14 @@ tokenizer and base model, read from STORE (a store with a data and a pretrain or
   the config says, no checkpoints, no callbacks) in this process;
 - pipeline: tasks/sft.py's build in a training child forked from the zygote, as `fasttrack run`
   runs it (checkpoints, NaN guard, progress callback, eval before training), minus the flow.
+`--sequential` runs the sides one after the other instead, alternating which goes first (ABBA),
+for a quiet machine where each side may have every core (`--threads 2` on 2 cores): a single
+pair of runs differs by +-15 % from one minute to the next even there, so only the geometric
+mean over several reps says anything.
+`--malloc` compares the script's recipe with glibc's malloc defaults against the same recipe with
+fasttrack/core/malloc.py's tunables (what the pipeline's training processes get), and records
+each side's minor page faults: the effect of the tunables alone, on code the pipeline did not
+write.
 Per rep: train wall and CPU seconds of both (all threads), real and padded tokens (equal on
 both sides, or the comparison is void), their ratios; the geometric means over reps. Writes
 benchmarks/results/sft_ab.json. ~1.5 min per rep on 2 loaded cores at 1 thread.
@@ -114,23 +123,36 @@ def run_pipeline(store_path: str, steps: int, work: Path) -> dict:
             "tokens": max((h.get("num_tokens", 0) for h in history), default=0)}  # fmt: skip
 
 
+SIDES = {False: ("script", "pipeline"), True: ("script", "script-tuned")}  # by --malloc
+
+
 def worker(side: str, store_path: str, steps: int, threads: int) -> None:
+    import resource
+
     import torch
 
     torch.set_num_threads(threads)
     work = Path(tempfile.mkdtemp(prefix=f"sft-ab-{side}-"))
     try:
-        run = run_script if side == "script" else run_pipeline
-        print("RESULT", json.dumps(run(store_path, steps, work) | {"side": side}), flush=True)
+        run = run_pipeline if side == "pipeline" else run_script
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        result = run(store_path, steps, work) | {"side": side}
+        result["minor_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        print("RESULT", json.dumps(result), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def rep(args: argparse.Namespace) -> dict:
-    """Both sides started together; each one's figures."""
+def rep(args: argparse.Namespace, index: int = 0) -> dict:
+    """Both sides started together (or one after the other with --sequential); their figures."""
+    from fasttrack.core.malloc import training_env
+
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-    procs = {
-        side: subprocess.Popen(
+    base, other = SIDES[args.malloc]
+    order = (base, other) if index % 2 == 0 else (other, base)
+
+    def start(side: str) -> subprocess.Popen:
+        return subprocess.Popen(
             [
                 sys.executable,
                 __file__,
@@ -142,24 +164,25 @@ def rep(args: argparse.Namespace) -> dict:
                 "--threads",
                 str(args.threads),
             ],
-            env=env,
+            env=training_env(env) if side == "script-tuned" else env,
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )  # fmt: skip
-        for side in ("script", "pipeline")
-    }
-    out = {}
-    for side, proc in procs.items():
+
+    procs = {} if args.sequential else {side: start(side) for side in order}
+    out: dict = {"first": order[0]} if args.sequential else {}
+    for side in order:
+        proc = procs.get(side) or start(side)
         stdout, stderr = proc.communicate(timeout=3600)
         lines = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not lines:
             raise SystemExit(f"{side} failed:\n{stderr[-3000:]}")
         out[side] = json.loads(lines[-1][7:])
-    if out["script"]["tokens"] != out["pipeline"]["tokens"]:
+    if out[base]["tokens"] != out[other]["tokens"]:
         raise SystemExit(f"the sides trained on different tokens: {out}")
-    for key in ("train_seconds", "train_cpu_seconds"):  # throughput ratio pipeline/script
-        out[f"ratio_{key}"] = round(out["script"][key] / out["pipeline"][key], 3)
+    for key in ("train_seconds", "train_cpu_seconds"):  # throughput ratio other/base
+        out[f"ratio_{key}"] = round(out[base][key] / out[other][key], 3)
     return out
 
 
@@ -170,15 +193,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--label", default="")
+    parser.add_argument("--sequential", action="store_true", help="one side at a time, ABBA")
+    parser.add_argument("--malloc", action="store_true", help="script: glibc defaults vs tuned")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sft_ab.json"))
-    parser.add_argument("--worker", choices=("script", "pipeline"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("script", "pipeline", "script-tuned"),
+                        help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.store, args.steps, args.threads)
     result = {"label": args.label, "threads": args.threads, "steps": args.steps,
+              "sequential": args.sequential, "malloc": args.malloc,
               "load_avg_before": os.getloadavg(), "reps": []}  # fmt: skip
     for i in range(args.reps):
-        result["reps"].append(rep(args))
+        result["reps"].append(rep(args, i))
         print(f"rep {i + 1}: {json.dumps(result['reps'][-1])}", flush=True)
     result["load_avg_after"] = os.getloadavg()
     for key in ("train_seconds", "train_cpu_seconds"):

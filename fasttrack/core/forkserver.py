@@ -35,6 +35,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from fasttrack.core import malloc
+
 ENV = "FASTTRACK_FORKSERVER"
 PRELOAD = ("torch", "transformers", "peft", "trl", "datasets", "accelerate")
 # the child's entry point, by name: isolation uses this module, so this one must not import it
@@ -59,8 +61,9 @@ def _entry() -> Any:
 _MAX = 1 << 20
 # Read by the preloaded libraries when they are imported (hub paths and offline mode, thread
 # pools, devices): a zygote started under other values is replaced, not forked from.
+# GLIBC_TUNABLES and the malloc switch are read when the zygote starts (fasttrack/core/malloc.py).
 IMPORT_TIME_ENV = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "MKL_",
-                   "CUDA_", "PYTORCH_", "TORCH_", "PYTHONPATH")  # fmt: skip
+                   "CUDA_", "PYTORCH_", "TORCH_", "PYTHONPATH", "GLIBC_", malloc.ENV)  # fmt: skip
 
 
 def import_env() -> dict[str, str]:
@@ -118,6 +121,7 @@ class Zygote:
             [sys.executable, "-m", "fasttrack.core.forkserver", self.path],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
+            env=malloc.training_env(os.environ),  # its forked children train with it
             preexec_fn=set_pdeathsig,  # dies with this process
         )
         self.ready = False  # its preload runs on while the caller goes on (`prestart`)

@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fasttrack.core import forkserver
+from fasttrack.core import forkserver, malloc
 from fasttrack.core.errors import FastTrackError
 
 PARENT_ENV = "FASTTRACK_PARENT_PID"
@@ -108,7 +108,7 @@ def run_isolated(
     (tmp / "call.pkl").write_bytes(pickle.dumps((fn, args)))
     cmd = [*launcher] if launcher else [sys.executable, "-m"]
     cmd += ["fasttrack.core.isolation", str(tmp)]
-    child_env = {**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())}
+    child_env = malloc.training_env({**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())})
     if api := _prefect_api_url():  # blocks (HF token, store credentials) load in the child too
         child_env.setdefault("PREFECT_API_URL", api)
     child_env.setdefault("PYTHONUNBUFFERED", "1")
