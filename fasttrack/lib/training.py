@@ -97,15 +97,20 @@ def checkpoint_complete(path: Path) -> bool:
     return weights and any((path / name).is_file() for name in OPTIMIZER_FILES)
 
 
-def last_checkpoint(work: Path) -> tuple[str | None, int]:
-    """Newest complete checkpoint in the work dir and its step; half-written ones are removed."""
+def last_checkpoint(work: Path, below: int | None = None) -> tuple[str | None, int]:
+    """Newest complete checkpoint in the work dir and its step; half-written ones are removed.
+
+    `below` (the run's max_steps): checkpoints at or past it are removed too, so the run resumes
+    from the one before. Why: the Trainer checks max_steps only after a step, so a run resumed
+    from its final checkpoint (killed after saving it, before publishing) would train one step
+    more than asked and publish that."""
     found = sorted(
         (int(p.name.rsplit("-", 1)[1]), p)
         for p in (work.glob("checkpoint-*") if work.is_dir() else [])
         if p.name.rsplit("-", 1)[1].isdigit()
     )
     for step, path in reversed(found):
-        if checkpoint_complete(path):
+        if checkpoint_complete(path) and (below is None or step < below):
             return str(path), step
         shutil.rmtree(path, ignore_errors=True)
     return None, 0
@@ -171,7 +176,8 @@ def run_trainer(
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressCallback logs them
     trainer.add_callback(ProgressCallback(stage))
     guard = guard_training(trainer, stage, section)  # non-finite loss: abort or skip the step
-    resume, start = last_checkpoint(work)
+    max_steps = trainer.args.max_steps
+    resume, start = last_checkpoint(work, below=max_steps if max_steps > 0 else None)
     if eval_before and trainer.eval_dataset is not None and start == 0:
         # Evaluated inside train(), after the model is wrapped: a trainer.evaluate() before
         # train() leaves DDP ranks training unsynchronised (each on its own shard).
