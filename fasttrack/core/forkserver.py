@@ -71,7 +71,7 @@ def import_env() -> dict[str, str]:
 
 
 def enabled() -> bool:
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return malloc.switched_on(os.environ, ENV)
 
 
 def prestart() -> None:

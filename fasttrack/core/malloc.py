@@ -18,7 +18,6 @@ left alone; FASTTRACK_MALLOC_TUNING=0 turns this off. Other C libraries ignore t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 ENV = "FASTTRACK_MALLOC_TUNING"
@@ -26,14 +25,15 @@ LIMIT = 1 << 30  # bytes: requests below it come from the heap; a free top below
 TUNABLES = f"glibc.malloc.mmap_threshold={LIMIT}:glibc.malloc.trim_threshold={LIMIT}"
 
 
-def enabled(env: Mapping[str, str] | None = None) -> bool:
-    value = (os.environ if env is None else env).get(ENV, "1")
-    return value.strip().lower() not in ("0", "false", "no", "off")
+def switched_on(env: Mapping[str, str], name: str) -> bool:
+    """A FASTTRACK_* on/off switch: on unless set to 0, false, no or off (also the fork
+    server's, which starts the processes this module tunes)."""
+    return env.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def training_env(env: Mapping[str, str]) -> dict[str, str]:
     """`env` plus the malloc tunables, unless the user set GLIBC_TUNABLES or opted out."""
     out = dict(env)
-    if enabled(env) and "GLIBC_TUNABLES" not in out:
+    if switched_on(env, ENV) and "GLIBC_TUNABLES" not in out:
         out["GLIBC_TUNABLES"] = TUNABLES
     return out

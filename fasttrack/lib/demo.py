@@ -162,6 +162,8 @@ def build() -> dict[str, list[dict]]:
             question = QUESTIONS[_stable_index(qualname, len(QUESTIONS))].format(qualname)
             qa.append({"instruction": question, "input": "", "output": answer, "source": qualname})
             if len(answer.split()) >= MIN_WORDS:
+                # residue 1 of 4 falls in residue 1 of 2 (looping in the former half-and-half
+                # mix): the functions that stay looping are a subset of those, fewer rows move
                 looping = _stable_index(qualname + "/r", LOOPING_ONE_IN) == 1
                 defect = "looping" if looping else "truncated"
                 rejected = rejected_answer(answer, defect)
